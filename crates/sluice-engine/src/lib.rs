@@ -1,0 +1,541 @@
+//! Sluice's engine: runs that do not depend on connections.
+//!
+//! [`Engine`] accepts a user message, creates the run and spawns its task (`run.rs`), which streams
+//! the model and appends every event to the run's [`EventLog`] and to the store's write queue.
+//! Clients follow a run through a [`Subscription`] — a cursor into the log — from any `seq`, as
+//! often as they like; a subscriber leaving changes nothing for the run.
+//!
+//! No HTTP and no SQL here: the engine sees storage through [`sluice_store::Store`] and models
+//! through [`sluice_providers::Model`].
+
+pub mod event_log;
+pub mod metrics;
+mod run;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sluice_protocol::api::{
+    MessageView, OnBusy, RunRequest, RunStatus, RunView, ThreadView, WaitResponse,
+};
+use sluice_protocol::{Cursor, ErrorCode, Usage};
+use sluice_providers::Model;
+use sluice_store::{NewRun, NewThread, Store, StoreError};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use event_log::{Coalesce, EventLog, Subscription};
+pub use metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error(
+        "the server restarted after a crash and kept this run's events up to seq {durable_seq}; \
+         the cursor is past that: reload the run (GET /v1/runs/{{id}}) and follow it again from 0"
+    )]
+    StreamReset { durable_seq: u64 },
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("storage failed: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl EngineError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            EngineError::NotFound(_) => ErrorCode::NotFound,
+            EngineError::Conflict(_) => ErrorCode::Conflict,
+            EngineError::InvalidRequest(_) => ErrorCode::InvalidRequest,
+            EngineError::StreamReset { .. } => ErrorCode::StreamReset,
+            EngineError::ShuttingDown => ErrorCode::Unavailable,
+            EngineError::Store(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The model a run uses when it names none.
+    pub default_model: String,
+    /// How subscribers merge deltas by default.
+    pub coalesce: Coalesce,
+    /// How long a finished run's log stays in memory for fast replay before replay reads the store.
+    pub retention: Duration,
+    /// The longest user message accepted, in bytes.
+    pub max_content_bytes: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            default_model: "demo".into(),
+            coalesce: Coalesce::default(),
+            retention: Duration::from_secs(60),
+            max_content_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// Why a run stopped before its model finished.
+#[derive(Debug, Clone)]
+pub(crate) enum StopReason {
+    Cancelled(String),
+    Shutdown,
+}
+
+/// A run the engine knows in memory: running, queued, or recently ended.
+pub struct RunHandle {
+    pub id: Arc<str>,
+    pub thread_id: String,
+    pub owner: String,
+    pub model: String,
+    pub message_id: Arc<str>,
+    pub user_message_id: String,
+    pub created_at: i64,
+    log: Arc<EventLog>,
+    cancel: CancellationToken,
+    stop_reason: Mutex<Option<StopReason>>,
+    /// When the terminal event was appended; drives eviction from memory.
+    ended: OnceLock<Instant>,
+    outcome: OnceLock<(
+        RunStatus,
+        Usage,
+        Option<f64>,
+        Option<sluice_protocol::ErrorInfo>,
+    )>,
+}
+
+impl RunHandle {
+    pub fn log(&self) -> &Arc<EventLog> {
+        &self.log
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.log.is_closed()
+    }
+
+    fn stop(&self, reason: StopReason) {
+        if let Ok(mut r) = self.stop_reason.lock()
+            && r.is_none()
+        {
+            *r = Some(reason);
+        }
+        self.cancel.cancel();
+    }
+
+    /// Cancels the run (no effect once it has ended).
+    pub fn cancel(&self, reason: impl Into<String>) {
+        self.stop(StopReason::Cancelled(reason.into()));
+    }
+
+    fn view(&self) -> RunView {
+        let (status, usage, ttft, error) = match self.outcome.get() {
+            Some((s, u, t, e)) => (*s, *u, *t, e.clone()),
+            None => (RunStatus::Running, Usage::default(), None, None),
+        };
+        RunView {
+            id: self.id.to_string(),
+            thread_id: self.thread_id.clone(),
+            model: self.model.clone(),
+            status,
+            user_message_id: self.user_message_id.clone(),
+            message_id: self.message_id.to_string(),
+            usage,
+            time_to_first_token_ms: ttft,
+            last_seq: self.log.len(),
+            error,
+            created_at: self.created_at,
+            ended_at: None,
+        }
+    }
+}
+
+pub(crate) struct Inner {
+    store: Arc<dyn Store>,
+    models: HashMap<String, Arc<dyn Model>>,
+    config: EngineConfig,
+    /// Runs in memory by id.
+    runs: Mutex<HashMap<Arc<str>, Arc<RunHandle>>>,
+    /// The newest unfinished run of each thread (the tail of its queue).
+    busy: Mutex<HashMap<String, Arc<RunHandle>>>,
+    metrics: Arc<Metrics>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+/// The engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl Engine {
+    /// Builds an engine over `store` with the given models (by name) and starts its eviction sweep.
+    pub fn new(
+        store: Arc<dyn Store>,
+        models: HashMap<String, Arc<dyn Model>>,
+        config: EngineConfig,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let inner = Arc::new(Inner {
+            store,
+            models,
+            config,
+            runs: Mutex::new(HashMap::new()),
+            busy: Mutex::new(HashMap::new()),
+            metrics,
+            tracker: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+        });
+        let sweeper = Arc::downgrade(&inner);
+        let stop = inner.shutdown.clone();
+        inner.tracker.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let Some(inner) = sweeper.upgrade() else {
+                    return;
+                };
+                let retention = inner.config.retention;
+                if let Ok(mut runs) = inner.runs.lock() {
+                    runs.retain(|_, h| h.ended.get().is_none_or(|t| t.elapsed() < retention));
+                }
+            }
+        });
+        Engine { inner }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    /// The names of the models runs may ask for.
+    pub fn model_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.inner.models.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    pub async fn create_thread(
+        &self,
+        owner: &str,
+        title: Option<String>,
+    ) -> Result<ThreadView, EngineError> {
+        let thread = NewThread {
+            id: new_id(),
+            owner: owner.to_string(),
+            title,
+            created_at: now_ms(),
+        };
+        let view = ThreadView {
+            id: thread.id.clone(),
+            title: thread.title.clone(),
+            created_at: thread.created_at,
+            messages: Some(Vec::new()),
+        };
+        self.inner.store.create_thread(thread).await?;
+        Ok(view)
+    }
+
+    pub async fn get_thread(&self, owner: &str, id: &str) -> Result<ThreadView, EngineError> {
+        self.inner
+            .store
+            .get_thread(owner.to_string(), id.to_string())
+            .await?
+            .ok_or_else(|| EngineError::NotFound(format!("no thread {id:?}")))
+    }
+
+    pub async fn list_threads(
+        &self,
+        owner: &str,
+        limit: u32,
+    ) -> Result<Vec<ThreadView>, EngineError> {
+        Ok(self
+            .inner
+            .store
+            .list_threads(owner.to_string(), limit)
+            .await?)
+    }
+
+    /// Deletes a thread; a run still going on it is cancelled first and allowed to end.
+    pub async fn delete_thread(&self, owner: &str, id: &str) -> Result<(), EngineError> {
+        let active = self.inner.busy.lock().ok().and_then(|b| b.get(id).cloned());
+        if let Some(run) = active
+            && run.owner == owner
+        {
+            run.cancel("the thread was deleted");
+            run.log.wait_closed().await;
+        }
+        if self
+            .inner
+            .store
+            .delete_thread(owner.to_string(), id.to_string())
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(EngineError::NotFound(format!("no thread {id:?}")))
+        }
+    }
+
+    /// Starts a run on `thread_id` (a new thread when `None`) and returns at once; the run goes on
+    /// in its own task.
+    pub async fn start_run(
+        &self,
+        owner: &str,
+        thread_id: Option<&str>,
+        request: RunRequest,
+    ) -> Result<Arc<RunHandle>, EngineError> {
+        if self.inner.shutdown.is_cancelled() {
+            return Err(EngineError::ShuttingDown);
+        }
+        if request.content.trim().is_empty() {
+            return Err(EngineError::InvalidRequest(
+                "`content` must not be empty".into(),
+            ));
+        }
+        if request.content.len() > self.inner.config.max_content_bytes {
+            return Err(EngineError::InvalidRequest(format!(
+                "`content` is {} bytes; the limit is {}",
+                request.content.len(),
+                self.inner.config.max_content_bytes
+            )));
+        }
+        let model_name = request
+            .model
+            .clone()
+            .unwrap_or_else(|| self.inner.config.default_model.clone());
+        let model = self.inner.models.get(&model_name).cloned().ok_or_else(|| {
+            EngineError::InvalidRequest(format!(
+                "unknown model {model_name:?}; available: {}",
+                self.model_names().join(", ")
+            ))
+        })?;
+        let accepted = Instant::now();
+        let (thread_id, new_thread) = match thread_id {
+            Some(id) => {
+                // Existence and ownership; the history itself is read when the run starts.
+                if !self
+                    .inner
+                    .store
+                    .thread_exists(owner.to_string(), id.to_string())
+                    .await?
+                {
+                    return Err(EngineError::NotFound(format!("no thread {id:?}")));
+                }
+                (id.to_string(), false)
+            }
+            None => (self.create_thread(owner, None).await?.id, true),
+        };
+        let run_id: Arc<str> = new_id().into();
+        let handle = Arc::new(RunHandle {
+            id: run_id.clone(),
+            thread_id: thread_id.clone(),
+            owner: owner.to_string(),
+            model: model_name.clone(),
+            message_id: new_id().into(),
+            user_message_id: new_id(),
+            created_at: now_ms(),
+            log: Arc::new(EventLog::new(run_id.clone())),
+            cancel: self.inner.shutdown.child_token(),
+            stop_reason: Mutex::new(None),
+            ended: OnceLock::new(),
+            outcome: OnceLock::new(),
+        });
+        let predecessor = {
+            let mut busy = self
+                .inner
+                .busy
+                .lock()
+                .map_err(|_| EngineError::Conflict("engine state poisoned".into()))?;
+            let previous = busy.get(&thread_id).filter(|r| !r.is_finished()).cloned();
+            if let Some(prev) = &previous {
+                match request.on_busy {
+                    OnBusy::Reject => {
+                        return Err(EngineError::Conflict(format!(
+                            "thread {thread_id:?} has a run still going ({}); send on_busy \"queue\" or \"interrupt\", or cancel it",
+                            prev.id
+                        )));
+                    }
+                    OnBusy::Queue => {}
+                    OnBusy::Interrupt => prev.cancel("interrupted by a newer message"),
+                }
+            }
+            busy.insert(thread_id.clone(), handle.clone());
+            previous
+        };
+        self.inner.store.create_run(NewRun {
+            id: run_id.clone(),
+            thread_id: thread_id.clone(),
+            model: model_name.clone(),
+            status: if predecessor.is_some() {
+                RunStatus::Queued
+            } else {
+                RunStatus::Running
+            },
+            user_message_id: handle.user_message_id.clone(),
+            user_content: request.content.clone(),
+            message_id: handle.message_id.clone(),
+            created_at: handle.created_at,
+        });
+        if let Ok(mut runs) = self.inner.runs.lock() {
+            runs.insert(run_id, handle.clone());
+        }
+        self.inner.metrics.run_started();
+        let task = run::RunTask {
+            inner: self.inner.clone(),
+            handle: handle.clone(),
+            predecessor,
+            new_thread,
+            model,
+            model_name,
+            content: request.content,
+            accepted,
+        };
+        self.inner.tracker.spawn(task.drive());
+        Ok(handle)
+    }
+
+    /// A run in memory that `owner` may see.
+    pub fn live_run(&self, owner: &str, run_id: &str) -> Option<Arc<RunHandle>> {
+        let runs = self.inner.runs.lock().ok()?;
+        runs.get(run_id).filter(|r| r.owner == owner).cloned()
+    }
+
+    /// Follows a run from after `cursor`. See docs/protocol.md, "Resume and crashes".
+    pub async fn subscribe(
+        &self,
+        owner: &str,
+        run_id: &str,
+        cursor: Cursor,
+        coalesce: Option<Coalesce>,
+    ) -> Result<Subscription, EngineError> {
+        let coalesce = coalesce.unwrap_or(self.inner.config.coalesce);
+        if let Some(run) = self.live_run(owner, run_id) {
+            if cursor.epoch != 1 || cursor.seq > run.log.len() {
+                return Err(EngineError::StreamReset {
+                    durable_seq: run.log.len(),
+                });
+            }
+            return Ok(Subscription::live(run.log.clone(), cursor.seq, coalesce));
+        }
+        let stored = self
+            .inner
+            .store
+            .get_run(owner.to_string(), run_id.to_string())
+            .await?
+            .ok_or_else(|| EngineError::NotFound(format!("no run {run_id:?}")))?;
+        // A cursor from an earlier epoch is good only up to what survived the crash.
+        let durable = stored.durable_seq.unwrap_or(stored.view.last_seq);
+        let stale = (cursor.epoch < stored.epoch && cursor.seq > durable)
+            || cursor.epoch > stored.epoch
+            || cursor.seq > stored.view.last_seq;
+        if stale {
+            return Err(EngineError::StreamReset {
+                durable_seq: durable,
+            });
+        }
+        Ok(Subscription::stored(
+            Arc::from(run_id),
+            self.inner.store.clone(),
+            cursor.seq,
+            coalesce,
+        ))
+    }
+
+    pub async fn get_run(&self, owner: &str, run_id: &str) -> Result<RunView, EngineError> {
+        if let Some(run) = self.live_run(owner, run_id)
+            && run.outcome.get().is_none()
+        {
+            return Ok(run.view());
+        }
+        let stored = self
+            .inner
+            .store
+            .get_run(owner.to_string(), run_id.to_string())
+            .await?
+            .ok_or_else(|| EngineError::NotFound(format!("no run {run_id:?}")))?;
+        Ok(stored.view)
+    }
+
+    /// Cancels a run; answers its state (a finished run is left as it is).
+    pub async fn cancel(&self, owner: &str, run_id: &str) -> Result<RunView, EngineError> {
+        if let Some(run) = self.live_run(owner, run_id) {
+            run.cancel("cancelled by request");
+            run.log.wait_closed().await;
+        }
+        self.get_run(owner, run_id).await
+    }
+
+    /// Waits for a run to end and answers its assistant message.
+    pub async fn wait(&self, run: &RunHandle) -> Result<WaitResponse, EngineError> {
+        run.log.wait_closed().await;
+        self.inner.store.flush().await?;
+        let view = self.get_run(&run.owner, &run.id).await?;
+        let thread = self.get_thread(&run.owner, &run.thread_id).await?;
+        let message: MessageView = thread
+            .messages
+            .unwrap_or_default()
+            .into_iter()
+            .find(|m| *m.id == *run.message_id)
+            .ok_or_else(|| EngineError::NotFound(format!("run {} has no message", run.id)))?;
+        Ok(WaitResponse { run: view, message })
+    }
+
+    /// Stops accepting runs, ends every run in flight with `run_interrupted`, waits for their tasks
+    /// (at most `timeout`), and flushes the store.
+    pub async fn shutdown(&self, timeout: Duration) {
+        let runs: Vec<Arc<RunHandle>> = self
+            .inner
+            .runs
+            .lock()
+            .map(|r| r.values().cloned().collect())
+            .unwrap_or_default();
+        for run in runs {
+            run.stop(StopReason::Shutdown);
+        }
+        self.inner.shutdown.cancel();
+        self.inner.tracker.close();
+        if tokio::time::timeout(timeout, self.inner.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("runs did not end within the shutdown timeout");
+        }
+        if let Err(err) = self.inner.store.flush().await {
+            tracing::error!(error = %err, "final store flush failed");
+        }
+    }
+}
+
+/// A new time-ordered id (UUIDv7).
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,278 @@
+//! The HTTP routes. Each handler extracts, calls the engine and converts; nothing else.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use sluice_engine::Coalesce;
+use sluice_protocol::api::{CreateThread, OnDisconnect, RunRequest, ThreadList};
+use sluice_protocol::{Cursor, ErrorCode};
+
+use crate::AppState;
+use crate::auth::Owner;
+use crate::error::{ApiError, ApiJson, parse_json};
+use crate::sse::{DisconnectGuard, sse_response};
+
+type St = State<Arc<AppState>>;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.http.max_body_bytes;
+    Router::new()
+        .route("/v1/threads", post(create_thread).get(list_threads))
+        .route("/v1/threads/{id}", get(get_thread).delete(delete_thread))
+        .route("/v1/threads/{id}/runs", post(thread_run_background))
+        .route("/v1/threads/{id}/runs/stream", post(thread_run_stream))
+        .route("/v1/threads/{id}/runs/wait", post(thread_run_wait))
+        .route("/v1/runs", post(run_background))
+        .route("/v1/runs/stream", post(run_stream))
+        .route("/v1/runs/wait", post(run_wait))
+        .route("/v1/runs/{id}", get(get_run))
+        .route("/v1/runs/{id}/events", get(run_events))
+        .route("/v1/runs/{id}/cancel", post(cancel_run))
+        .route("/v1/models", get(list_models))
+        .route("/v1/ws", get(crate::ws::upgrade))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::new(ErrorCode::NotFound, format!("no route {}", uri.path()))
+}
+
+async fn method_not_allowed(uri: Uri) -> ApiError {
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        format!("{} does not take this method", uri.path()),
+    )
+}
+
+async fn create_thread(
+    State(st): St,
+    Owner(owner): Owner,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    // The body is optional: an empty POST creates an untitled thread.
+    let req: CreateThread = if body.iter().all(u8::is_ascii_whitespace) {
+        CreateThread::default()
+    } else {
+        parse_json(&body)?
+    };
+    let thread = st.engine.create_thread(&owner, req.title).await?;
+    Ok((StatusCode::CREATED, axum::Json(thread)).into_response())
+}
+
+async fn list_threads(State(st): St, Owner(owner): Owner) -> Result<Response, ApiError> {
+    let threads = st.engine.list_threads(&owner, 1000).await?;
+    Ok(axum::Json(ThreadList { threads }).into_response())
+}
+
+async fn get_thread(
+    State(st): St,
+    Owner(owner): Owner,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(axum::Json(st.engine.get_thread(&owner, &id).await?).into_response())
+}
+
+async fn delete_thread(
+    State(st): St,
+    Owner(owner): Owner,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    st.engine.delete_thread(&owner, &id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn start_stream(
+    st: Arc<AppState>,
+    owner: String,
+    thread: Option<String>,
+    req: RunRequest,
+) -> Result<Response, ApiError> {
+    let on_disconnect = req.on_disconnect;
+    let run = st.engine.start_run(&owner, thread.as_deref(), req).await?;
+    let sub = st
+        .engine
+        .subscribe(&owner, &run.id, Cursor::new(0), None)
+        .await?;
+    let guard = (on_disconnect == OnDisconnect::Cancel).then(|| DisconnectGuard::new(run));
+    Ok(sse_response(sub, &st, guard))
+}
+
+async fn start_background(
+    st: Arc<AppState>,
+    owner: String,
+    thread: Option<String>,
+    req: RunRequest,
+) -> Result<Response, ApiError> {
+    let run = st.engine.start_run(&owner, thread.as_deref(), req).await?;
+    let view = st.engine.get_run(&owner, &run.id).await?;
+    Ok((StatusCode::ACCEPTED, axum::Json(view)).into_response())
+}
+
+async fn start_wait(
+    st: Arc<AppState>,
+    owner: String,
+    thread: Option<String>,
+    req: RunRequest,
+) -> Result<Response, ApiError> {
+    let run = st.engine.start_run(&owner, thread.as_deref(), req).await?;
+    Ok(axum::Json(st.engine.wait(&run).await?).into_response())
+}
+
+async fn thread_run_stream(
+    State(st): St,
+    Owner(owner): Owner,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<RunRequest>,
+) -> Result<Response, ApiError> {
+    start_stream(st, owner, Some(id), req).await
+}
+
+async fn thread_run_background(
+    State(st): St,
+    Owner(owner): Owner,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<RunRequest>,
+) -> Result<Response, ApiError> {
+    start_background(st, owner, Some(id), req).await
+}
+
+async fn thread_run_wait(
+    State(st): St,
+    Owner(owner): Owner,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<RunRequest>,
+) -> Result<Response, ApiError> {
+    start_wait(st, owner, Some(id), req).await
+}
+
+async fn run_stream(
+    State(st): St,
+    Owner(owner): Owner,
+    ApiJson(req): ApiJson<RunRequest>,
+) -> Result<Response, ApiError> {
+    start_stream(st, owner, None, req).await
+}
+
+async fn run_background(
+    State(st): St,
+    Owner(owner): Owner,
+    ApiJson(req): ApiJson<RunRequest>,
+) -> Result<Response, ApiError> {
+    start_background(st, owner, None, req).await
+}
+
+async fn run_wait(
+    State(st): St,
+    Owner(owner): Owner,
+    ApiJson(req): ApiJson<RunRequest>,
+) -> Result<Response, ApiError> {
+    start_wait(st, owner, None, req).await
+}
+
+async fn get_run(
+    State(st): St,
+    Owner(owner): Owner,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(axum::Json(st.engine.get_run(&owner, &id).await?).into_response())
+}
+
+async fn cancel_run(
+    State(st): St,
+    Owner(owner): Owner,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(axum::Json(st.engine.cancel(&owner, &id).await?).into_response())
+}
+
+/// `GET /v1/runs/{id}/events`: attach or resume. The cursor comes from `Last-Event-ID` (what an
+/// SSE client sends on reconnect) or `?after=`; `?coalesce_ms=` asks for delta batching.
+async fn run_events(
+    State(st): St,
+    Owner(owner): Owner,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    let query = uri.query().unwrap_or("");
+    let param = |name: &str| {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+    };
+    let header_cursor = headers
+        .get("last-event-id")
+        .map(|v| v.to_str().unwrap_or("\u{0}"));
+    let cursor = match header_cursor.or(param("after")) {
+        None | Some("") => Cursor::new(0),
+        Some(raw) => Cursor::parse(raw).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("the resume cursor {raw:?} is not `<seq>` or `<seq>.<epoch>`"),
+            )
+        })?,
+    };
+    let coalesce = match param("coalesce_ms") {
+        None => None,
+        Some(ms) => {
+            let ms: u64 = ms.parse().ok().filter(|ms| *ms <= 10_000).ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    "`coalesce_ms` must be a whole number of milliseconds up to 10000",
+                )
+            })?;
+            Some(Coalesce {
+                max_delay: std::time::Duration::from_millis(ms),
+                ..st.engine.config().coalesce
+            })
+        }
+    };
+    let sub = st.engine.subscribe(&owner, &id, cursor, coalesce).await?;
+    Ok(sse_response(sub, &st, None))
+}
+
+async fn list_models(State(st): St, Owner(_): Owner) -> Response {
+    let default = st.engine.config().default_model.clone();
+    let models: Vec<serde_json::Value> = st
+        .engine
+        .model_names()
+        .into_iter()
+        .map(|name| serde_json::json!({ "id": name, "default": name == default }))
+        .collect();
+    axum::Json(serde_json::json!({ "models": models })).into_response()
+}
+
+async fn healthz() -> Response {
+    axum::Json(serde_json::json!({ "status": "ok" })).into_response()
+}
+
+async fn readyz(State(st): St) -> Response {
+    if st.shutdown.is_cancelled() {
+        return ApiError::new(ErrorCode::Unavailable, "shutting down").into_response();
+    }
+    match st.engine.store().flush().await {
+        Ok(()) => axum::Json(serde_json::json!({ "status": "ready" })).into_response(),
+        Err(err) => {
+            ApiError::new(ErrorCode::Unavailable, format!("store not ready: {err}")).into_response()
+        }
+    }
+}
+
+async fn metrics(State(st): St) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.engine.metrics().render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,130 @@
+//! Sluice's storage: the [`Store`] trait the engine writes through, and its embedded SQLite
+//! implementation ([`SqliteStore`]).
+//!
+//! Writes that happen while a run streams (its creation, every event, its end) are *submitted*, not
+//! awaited: they go on an ordered queue to one writer thread that applies whatever has piled up in a
+//! single transaction. So the stream never waits for the disk, and a burst of events costs one commit.
+//! Reads go through the same queue, behind every write submitted before them, so a caller always
+//! reads its own writes.
+
+mod sqlite;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use sluice_protocol::api::{MessageStatus, RunStatus, ThreadView};
+use sluice_protocol::{ErrorInfo, Frame, Usage};
+
+pub use sqlite::SqliteStore;
+
+/// A pending answer from the store.
+pub type Reply<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] rusqlite::Error),
+    #[error("the store's writer has stopped")]
+    Closed,
+    #[error("stored data is unreadable: {0}")]
+    Corrupt(String),
+    #[error("cannot open the data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+impl StoreError {
+    /// Stable, low-cardinality name for logs and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            StoreError::Database(_) => "database",
+            StoreError::Closed => "closed",
+            StoreError::Corrupt(_) => "corrupt",
+            StoreError::DataDir { .. } => "data_dir",
+        }
+    }
+}
+
+/// A thread to create.
+#[derive(Debug, Clone)]
+pub struct NewThread {
+    pub id: String,
+    pub owner: String,
+    pub title: Option<String>,
+    pub created_at: i64,
+}
+
+/// A run to create, with the user message it answers and the (empty) assistant message it writes.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    pub id: Arc<str>,
+    pub thread_id: String,
+    pub model: String,
+    pub status: RunStatus,
+    pub user_message_id: String,
+    pub user_content: String,
+    pub message_id: Arc<str>,
+    pub created_at: i64,
+}
+
+/// How a run ended, recorded with its terminal event.
+#[derive(Debug, Clone)]
+pub struct RunEnd {
+    pub run_id: Arc<str>,
+    pub message_id: Arc<str>,
+    pub status: RunStatus,
+    pub message_status: MessageStatus,
+    pub usage: Usage,
+    pub time_to_first_token_ms: Option<f64>,
+    pub error: Option<ErrorInfo>,
+    pub ended_at: i64,
+}
+
+/// A run as stored, with what resume needs besides the public view.
+#[derive(Debug, Clone)]
+pub struct StoredRun {
+    pub view: sluice_protocol::api::RunView,
+    pub owner: String,
+    /// Starts at 1; a crash recovery that closes the run moves it to 2.
+    pub epoch: u32,
+    /// When the run was closed by crash recovery: the last `seq` the store held.
+    pub durable_seq: Option<u64>,
+}
+
+/// A run found in flight at start-up and closed as interrupted.
+#[derive(Debug, Clone)]
+pub struct RecoveredRun {
+    pub run_id: String,
+    pub thread_id: String,
+    pub durable_seq: u64,
+}
+
+/// Everything the engine needs from storage. The SQLite implementation is the embedded default;
+/// a server-backed one (Postgres) implements the same contract.
+pub trait Store: Send + Sync + 'static {
+    /// Creates a thread; awaited, so the id is usable as soon as the caller has it.
+    fn create_thread(&self, thread: NewThread) -> Reply<()>;
+    /// Queues the creation of a run and its two messages.
+    fn create_run(&self, run: NewRun);
+    /// Queues a queued run's move to `running`.
+    fn start_run(&self, run_id: Arc<str>);
+    /// Queues one event of a run. Text and reasoning deltas are also appended to the assistant
+    /// message in the same transaction, so the message is always the concatenation of the stored deltas.
+    fn append_event(&self, run_id: Arc<str>, message_id: Arc<str>, frame: Frame);
+    /// Queues a run's end (after its terminal event).
+    fn finish_run(&self, end: RunEnd);
+    /// Deletes a thread with its messages, runs and events. `Ok(false)` if the owner has no such thread.
+    fn delete_thread(&self, owner: String, thread_id: String) -> Reply<bool>;
+    fn get_thread(&self, owner: String, thread_id: String) -> Reply<Option<ThreadView>>;
+    /// Whether `owner` has this thread (without reading its messages).
+    fn thread_exists(&self, owner: String, thread_id: String) -> Reply<bool>;
+    fn list_threads(&self, owner: String, limit: u32) -> Reply<Vec<ThreadView>>;
+    fn get_run(&self, owner: String, run_id: String) -> Reply<Option<StoredRun>>;
+    /// The stored events of a run with `seq > after`, at most `limit`, in order.
+    fn read_events(&self, run_id: String, after: u64, limit: u32) -> Reply<Vec<Frame>>;
+    /// Resolves once every write submitted before it is committed.
+    fn flush(&self) -> Reply<()>;
+}

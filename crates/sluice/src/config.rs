@@ -1,0 +1,218 @@
+//! The one typed configuration, layered: defaults, then the config file (sluice.toml), then the
+//! environment and flags (clap reads both; a flag wins over its variable). Validated at start-up
+//! with errors that name the key; API keys never appear in any message.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+use sluice_engine::{Coalesce, EngineConfig};
+use sluice_server::{ApiKeys, HttpConfig};
+
+/// `sluice serve` flags; each also reads its `SLUICE_*` variable.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on; port 0 picks a free port (the log says which).
+    #[arg(long, env = "SLUICE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Directory for the embedded database.
+    #[arg(long, env = "SLUICE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Config file (TOML). `./sluice.toml` is read when present and this is not given.
+    #[arg(long, env = "SLUICE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The demo model's pace in tokens per second (0 = as fast as possible).
+    #[arg(long, env = "SLUICE_DEMO_TOKENS_PER_SEC")]
+    pub demo_tokens_per_sec: Option<f64>,
+    /// API keys as comma-separated `owner:key` pairs.
+    #[arg(long, env = "SLUICE_API_KEYS", hide_env_values = true)]
+    pub api_keys: Option<String>,
+    /// Milliseconds of silence after which an SSE heartbeat comment is sent.
+    #[arg(long, env = "SLUICE_HEARTBEAT_MS")]
+    pub heartbeat_ms: Option<u64>,
+    /// The default model for runs that name none.
+    #[arg(long, env = "SLUICE_DEFAULT_MODEL")]
+    pub default_model: Option<String>,
+}
+
+/// The file's shape. Unknown keys are errors, so a typo does not silently do nothing.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub default_model: Option<String>,
+    pub heartbeat_ms: Option<u64>,
+    pub max_body_bytes: Option<usize>,
+    pub max_content_bytes: Option<usize>,
+    /// Seconds a finished run's log stays in memory for replay.
+    pub retention_secs: Option<u64>,
+    #[serde(default)]
+    pub demo: DemoSection,
+    #[serde(default)]
+    pub coalesce: CoalesceSection,
+    #[serde(default)]
+    pub api_keys: Vec<KeyEntry>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DemoSection {
+    pub tokens_per_sec: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoalesceSection {
+    /// Largest merged delta (escaped bytes), like STREAM_CHUNK_SIZE; 0 disables merging.
+    pub max_bytes: Option<usize>,
+    /// How long a caught-up subscriber holds a delta for more, like STREAM_CHUNK_DELAY; 0 = never.
+    pub max_delay_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyEntry {
+    pub owner: String,
+    pub key: String,
+}
+
+/// Everything `serve` needs, resolved.
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub demo_tokens_per_sec: f64,
+    pub keys: ApiKeys,
+    pub engine: EngineConfig,
+    pub http: HttpConfig,
+}
+
+pub fn load(args: &ServeArgs) -> anyhow::Result<Config> {
+    let file = match &args.config {
+        Some(path) => read_file(path)?,
+        None if Path::new("sluice.toml").exists() => read_file(Path::new("sluice.toml"))?,
+        None => FileConfig::default(),
+    };
+    let listen = args
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7420)));
+    let data_dir = args
+        .data_dir
+        .clone()
+        .or(file.data_dir)
+        .unwrap_or_else(|| PathBuf::from("./sluice-data"));
+    let demo_tokens_per_sec = args
+        .demo_tokens_per_sec
+        .or(file.demo.tokens_per_sec)
+        .unwrap_or(30.0);
+    if !demo_tokens_per_sec.is_finite() || demo_tokens_per_sec < 0.0 {
+        bail!("demo.tokens_per_sec must be a number >= 0 (0 = as fast as possible)");
+    }
+    let mut keys = match &args.api_keys {
+        Some(spec) => ApiKeys::parse(spec).map_err(|e| anyhow::anyhow!("SLUICE_API_KEYS: {e}"))?,
+        None => ApiKeys::default(),
+    };
+    for (i, entry) in file.api_keys.iter().enumerate() {
+        if entry.owner.trim().is_empty() || entry.key.trim().is_empty() {
+            bail!("api_keys[{i}]: owner and key must not be empty");
+        }
+        keys.insert(entry.owner.trim(), entry.key.trim());
+    }
+    let heartbeat_ms = args.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(15_000);
+    if heartbeat_ms == 0 {
+        bail!("heartbeat_ms must be > 0");
+    }
+    let defaults = EngineConfig::default();
+    let engine = EngineConfig {
+        default_model: args
+            .default_model
+            .clone()
+            .or(file.default_model)
+            .unwrap_or(defaults.default_model),
+        coalesce: Coalesce {
+            max_bytes: file
+                .coalesce
+                .max_bytes
+                .unwrap_or(defaults.coalesce.max_bytes),
+            max_delay: file
+                .coalesce
+                .max_delay_ms
+                .map(Duration::from_millis)
+                .unwrap_or(defaults.coalesce.max_delay),
+        },
+        retention: file
+            .retention_secs
+            .map(Duration::from_secs)
+            .unwrap_or(defaults.retention),
+        max_content_bytes: file.max_content_bytes.unwrap_or(defaults.max_content_bytes),
+    };
+    let http = HttpConfig {
+        heartbeat: Duration::from_millis(heartbeat_ms),
+        max_body_bytes: file
+            .max_body_bytes
+            .unwrap_or(HttpConfig::default().max_body_bytes),
+    };
+    if keys.is_empty() && !listen.ip().is_loopback() {
+        bail!(
+            "refusing to listen on {listen} without API keys: anyone on the network could read every \
+             thread. Configure keys (SLUICE_API_KEYS=owner:key or [[api_keys]] in the config file) \
+             or listen on 127.0.0.1"
+        );
+    }
+    Ok(Config {
+        listen,
+        data_dir,
+        demo_tokens_per_sec,
+        keys,
+        engine,
+        http,
+    })
+}
+
+fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> ServeArgs {
+        ServeArgs {
+            listen: None,
+            data_dir: None,
+            config: None,
+            demo_tokens_per_sec: None,
+            api_keys: None,
+            heartbeat_ms: None,
+            default_model: None,
+        }
+    }
+
+    #[test]
+    fn no_keys_means_loopback_only() {
+        let mut a = args();
+        a.listen = Some("0.0.0.0:7420".parse().expect("addr"));
+        let err = load(&a).err().expect("refused").to_string();
+        assert!(err.contains("refusing to listen"), "{err}");
+        a.api_keys = Some("alice:secret-key".into());
+        let cfg = load(&a).expect("allowed with keys");
+        assert!(!cfg.keys.is_empty());
+    }
+
+    #[test]
+    fn unknown_file_keys_are_named() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("sluice.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:1\"\nheartbeat_msec = 5\n").expect("write");
+        let mut a = args();
+        a.config = Some(path);
+        let err = format!("{:#}", load(&a).err().expect("rejected"));
+        assert!(err.contains("heartbeat_msec"), "{err}");
+    }
+}

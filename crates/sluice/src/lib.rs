@@ -1,0 +1,100 @@
+//! The `sluice` binary's library half: start-up glue shared by `main.rs` and the integration tests.
+//!
+//! [`start`] opens the store (closing runs a crash left in flight), builds the models and the
+//! engine, binds the listener and serves until [`Running::shutdown`].
+
+pub mod bench;
+pub mod chat;
+pub mod config;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use sluice_engine::{Engine, Metrics};
+use sluice_providers::{DemoConfig, DemoModel, Model};
+use sluice_server::AppState;
+use sluice_store::{SqliteStore, Store};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+/// A server that is up.
+pub struct Running {
+    /// The address actually bound (port 0 resolved).
+    pub addr: SocketAddr,
+    pub engine: Engine,
+    shutdown: CancellationToken,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Graceful stop: in-flight runs end with `run_interrupted`, the store is flushed.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        match tokio::time::timeout(Duration::from_secs(15), self.task).await {
+            Ok(joined) => joined
+                .context("server task panicked")?
+                .context("server failed"),
+            Err(_) => {
+                tracing::warn!("connections still open 15 s after shutdown; stopping anyway");
+                Ok(())
+            }
+        }
+    }
+}
+
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let (store, recovered) = SqliteStore::open(&config.data_dir)
+        .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+    for run in &recovered {
+        tracing::warn!(run_id = %run.run_id, thread_id = %run.thread_id, durable_seq = run.durable_seq,
+            "run was in flight when the server last stopped; marked interrupted");
+    }
+    let store: Arc<dyn Store> = Arc::new(store);
+    let mut models: HashMap<String, Arc<dyn Model>> = HashMap::new();
+    models.insert(
+        "demo".into(),
+        Arc::new(DemoModel::new(DemoConfig {
+            tokens_per_sec: config.demo_tokens_per_sec,
+        })),
+    );
+    if !models.contains_key(&config.engine.default_model) {
+        anyhow::bail!(
+            "default_model {:?} is not configured; available: demo",
+            config.engine.default_model
+        );
+    }
+    tracing::info!(
+        tokens_per_sec = config.demo_tokens_per_sec,
+        "model `demo` is the built-in demo: deterministic canned answers, not a real LLM"
+    );
+    let metrics = Arc::new(Metrics::default());
+    let engine = Engine::new(store, models, config.engine.clone(), metrics);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let shutdown = CancellationToken::new();
+    let state = Arc::new(AppState {
+        engine: engine.clone(),
+        keys: config.keys.clone(),
+        http: config.http.clone(),
+        shutdown: shutdown.clone(),
+    });
+    tracing::info!(%addr, data_dir = %config.data_dir.display(), auth = !config.keys.is_empty(), "sluice listening on http://{addr}");
+    let task = tokio::spawn(sluice_server::serve(listener, state, shutdown.clone()));
+    Ok(Running {
+        addr,
+        engine,
+        shutdown,
+        task,
+    })
+}
