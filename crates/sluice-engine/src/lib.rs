@@ -164,8 +164,8 @@ pub(crate) struct Inner {
     config: EngineConfig,
     /// Runs in memory by id.
     runs: Mutex<HashMap<Arc<str>, Arc<RunHandle>>>,
-    /// The newest unfinished run of each thread (the tail of its queue).
-    busy: Mutex<HashMap<String, Arc<RunHandle>>>,
+    /// The unfinished runs of each thread, oldest first: the running one, then those queued.
+    busy: Mutex<HashMap<String, Vec<Arc<RunHandle>>>>,
     metrics: Arc<Metrics>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -278,11 +278,17 @@ impl Engine {
 
     /// Deletes a thread; a run still going on it is cancelled first and allowed to end.
     pub async fn delete_thread(&self, owner: &str, id: &str) -> Result<(), EngineError> {
-        let active = self.inner.busy.lock().ok().and_then(|b| b.get(id).cloned());
-        if let Some(run) = active
-            && run.owner == owner
-        {
+        let active = self
+            .inner
+            .busy
+            .lock()
+            .ok()
+            .and_then(|b| b.get(id).cloned())
+            .unwrap_or_default();
+        for run in active.iter().filter(|r| r.owner == owner) {
             run.cancel("the thread was deleted");
+        }
+        for run in active.iter().filter(|r| r.owner == owner) {
             run.log.wait_closed().await;
         }
         if self
@@ -367,7 +373,9 @@ impl Engine {
                 .busy
                 .lock()
                 .map_err(|_| EngineError::Conflict("engine state poisoned".into()))?;
-            let previous = busy.get(&thread_id).filter(|r| !r.is_finished()).cloned();
+            let queue = busy.entry(thread_id.clone()).or_default();
+            queue.retain(|r| !r.is_finished());
+            let previous = queue.last().cloned();
             if let Some(prev) = &previous {
                 match request.on_busy {
                     OnBusy::Reject => {
@@ -377,10 +385,14 @@ impl Engine {
                         )));
                     }
                     OnBusy::Queue => {}
-                    OnBusy::Interrupt => prev.cancel("interrupted by a newer message"),
+                    OnBusy::Interrupt => {
+                        for run in queue.iter() {
+                            run.cancel("interrupted by a newer message");
+                        }
+                    }
                 }
             }
-            busy.insert(thread_id.clone(), handle.clone());
+            queue.push(handle.clone());
             previous
         };
         self.inner.store.create_run(NewRun {

@@ -151,11 +151,12 @@ impl RunTask {
             ended_at: now_ms(),
         });
         if let Ok(mut busy) = self.inner.busy.lock()
-            && busy
-                .get(&handle.thread_id)
-                .is_some_and(|r| Arc::ptr_eq(r, &handle))
+            && let Some(queue) = busy.get_mut(&handle.thread_id)
         {
-            busy.remove(&handle.thread_id);
+            queue.retain(|r| !Arc::ptr_eq(r, &handle));
+            if queue.is_empty() {
+                busy.remove(&handle.thread_id);
+            }
         }
         self.inner.metrics.run_ended(outcome);
         let secs = duration_ms / 1000.0;

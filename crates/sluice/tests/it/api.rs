@@ -1,0 +1,282 @@
+//! Bad input and other owners' data: the documented errors, and nothing stored changes.
+
+use serde_json::Value;
+
+use crate::{Opts, TestServer, req};
+
+async fn call(
+    method: reqwest::Method,
+    url: String,
+    key: Option<&str>,
+    body: Option<Vec<u8>>,
+) -> (u16, Value) {
+    let mut r = reqwest::Client::new().request(method, url);
+    if let Some(k) = key {
+        r = r.bearer_auth(k);
+    }
+    if let Some(b) = body {
+        r = r.body(b);
+    }
+    let resp = r.send().await.expect("request");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.expect("body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn code(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or("<no code>")
+}
+
+/// Everything alice can see, to compare before and after.
+async fn snapshot(url: &str, key: &str) -> Value {
+    let (_, list) = call(
+        reqwest::Method::GET,
+        format!("{url}/v1/threads"),
+        Some(key),
+        None,
+    )
+    .await;
+    let mut threads = Vec::new();
+    for t in list["threads"].as_array().expect("threads") {
+        let id = t["id"].as_str().expect("id");
+        threads.push(
+            call(
+                reqwest::Method::GET,
+                format!("{url}/v1/threads/{id}"),
+                Some(key),
+                None,
+            )
+            .await
+            .1,
+        );
+    }
+    Value::Array(threads)
+}
+
+#[tokio::test]
+async fn bad_requests_and_foreign_ids_get_documented_errors_and_change_nothing() {
+    use reqwest::Method as M;
+    let server = TestServer::start(Opts {
+        keys: "alice:key-a,bob:key-b",
+        max_body: 4096,
+        ..Opts::default()
+    })
+    .await;
+    let url = &server.url;
+    let alice = server.client().with_key("key-a");
+    let done = alice.start_run(None, &req("first")).await.expect("run");
+    let thread = done.thread_id.clone();
+    let _ = crate::collect(alice.follow(&done.id, "").await.expect("follow")).await;
+    let before = snapshot(url, "key-a").await;
+
+    let run_path = format!("{url}/v1/threads/{thread}/runs");
+    let cases: Vec<(M, String, Option<&str>, Option<Vec<u8>>, u16, &str)> = vec![
+        (
+            M::GET,
+            format!("{url}/v1/threads"),
+            None,
+            None,
+            401,
+            "UNAUTHORIZED",
+        ),
+        (
+            M::GET,
+            format!("{url}/v1/threads"),
+            Some("wrong"),
+            None,
+            401,
+            "UNAUTHORIZED",
+        ),
+        (
+            M::POST,
+            run_path.clone(),
+            Some("key-a"),
+            Some(b"{not json".to_vec()),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            M::POST,
+            run_path.clone(),
+            Some("key-a"),
+            Some(b"{\"contents\":\"typo\"}".to_vec()),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            M::POST,
+            run_path.clone(),
+            Some("key-a"),
+            Some(b"{\"content\":\"  \"}".to_vec()),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            M::POST,
+            run_path.clone(),
+            Some("key-a"),
+            Some(b"{\"content\":\"x\",\"model\":\"nope\"}".to_vec()),
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            M::POST,
+            format!("{run_path}/stream"),
+            Some("key-a"),
+            Some(vec![b'x'; 10_000]),
+            413,
+            "PAYLOAD_TOO_LARGE",
+        ),
+        (
+            M::POST,
+            format!("{url}/v1/threads/no-such-thread/runs"),
+            Some("key-a"),
+            Some(b"{\"content\":\"x\"}".to_vec()),
+            404,
+            "NOT_FOUND",
+        ),
+        (
+            M::GET,
+            format!("{url}/v1/runs/no-such-run"),
+            Some("key-a"),
+            None,
+            404,
+            "NOT_FOUND",
+        ),
+        (
+            M::GET,
+            format!("{url}/v1/runs/no-such-run/events"),
+            Some("key-a"),
+            None,
+            404,
+            "NOT_FOUND",
+        ),
+        (
+            M::POST,
+            format!("{url}/v1/runs/no-such-run/cancel"),
+            Some("key-a"),
+            None,
+            404,
+            "NOT_FOUND",
+        ),
+        (
+            M::GET,
+            format!("{url}/v1/runs/{}/events?after=abc", done.id),
+            Some("key-a"),
+            None,
+            400,
+            "INVALID_REQUEST",
+        ),
+        (
+            M::GET,
+            format!("{url}/v1/runs/{}/events?after=99999", done.id),
+            Some("key-a"),
+            None,
+            409,
+            "STREAM_RESET",
+        ),
+        (
+            M::GET,
+            format!("{url}/v1/nothing-here"),
+            Some("key-a"),
+            None,
+            404,
+            "NOT_FOUND",
+        ),
+        (
+            M::PUT,
+            format!("{url}/v1/threads"),
+            Some("key-a"),
+            None,
+            405,
+            "METHOD_NOT_ALLOWED",
+        ),
+        // Bob sees none of Alice's things, whatever he tries.
+        (
+            M::GET,
+            format!("{url}/v1/threads/{thread}"),
+            Some("key-b"),
+            None,
+            404,
+            "NOT_FOUND",
+        ),
+        (
+            M::POST,
+            run_path.clone(),
+            Some("key-b"),
+            Some(b"{\"content\":\"mine now\"}".to_vec()),
+            404,
+            "NOT_FOUND",
+        ),
+        (
+            M::DELETE,
+            format!("{url}/v1/threads/{thread}"),
+            Some("key-b"),
+            None,
+            404,
+            "NOT_FOUND",
+        ),
+        (
+            M::GET,
+            format!("{url}/v1/runs/{}", done.id),
+            Some("key-b"),
+            None,
+            404,
+            "NOT_FOUND",
+        ),
+        (
+            M::GET,
+            format!("{url}/v1/runs/{}/events", done.id),
+            Some("key-b"),
+            None,
+            404,
+            "NOT_FOUND",
+        ),
+        (
+            M::POST,
+            format!("{url}/v1/runs/{}/cancel", done.id),
+            Some("key-b"),
+            None,
+            404,
+            "NOT_FOUND",
+        ),
+    ];
+    for (method, u, key, body, status, expected) in cases {
+        let what = format!("{method} {u} key={key:?}");
+        let (got, v) = call(method, u, key, body).await;
+        assert_eq!(got, status, "{what}: {v}");
+        assert_eq!(code(&v), expected, "{what}: {v}");
+        assert!(
+            !v["error"]["message"].as_str().unwrap_or("").is_empty(),
+            "{what}: a message"
+        );
+    }
+    let (_, bob_list) = call(M::GET, format!("{url}/v1/threads"), Some("key-b"), None).await;
+    assert_eq!(bob_list["threads"], Value::Array(vec![]));
+    assert_eq!(
+        snapshot(url, "key-a").await,
+        before,
+        "nothing stored changed"
+    );
+
+    // And the owner can delete it, after which it is gone.
+    let (status, _) = call(
+        M::DELETE,
+        format!("{url}/v1/threads/{thread}"),
+        Some("key-a"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    let (status, v) = call(
+        M::GET,
+        format!("{url}/v1/threads/{thread}"),
+        Some("key-a"),
+        None,
+    )
+    .await;
+    assert_eq!((status, code(&v)), (404, "NOT_FOUND"));
+}

@@ -1,0 +1,107 @@
+//! Integration tests: the real server on a free port, spoken to over real HTTP and WebSocket.
+//! `process.rs` runs the real binary as a child process (for kill -9).
+
+mod api;
+mod process;
+mod resume;
+mod streaming;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice::config::Config;
+use sluice_client::{Client, StreamEvent};
+use sluice_engine::{Coalesce, EngineConfig};
+use sluice_protocol::api::RunRequest;
+use sluice_server::{ApiKeys, HttpConfig};
+
+pub struct Opts {
+    pub tokens_per_sec: f64,
+    pub keys: &'static str,
+    pub coalesce_bytes: usize,
+    pub retention: Duration,
+    pub heartbeat: Duration,
+    pub max_body: usize,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            tokens_per_sec: 400.0,
+            keys: "",
+            coalesce_bytes: 16 * 1024,
+            retention: Duration::from_secs(60),
+            heartbeat: Duration::from_secs(15),
+            max_body: 64 * 1024,
+        }
+    }
+}
+
+pub struct TestServer {
+    pub running: Option<sluice::Running>,
+    pub url: String,
+    pub _dir: Arc<tempfile::TempDir>,
+}
+
+impl TestServer {
+    pub async fn start(opts: Opts) -> TestServer {
+        let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+        let config = Config {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            data_dir: dir.path().to_path_buf(),
+            demo_tokens_per_sec: opts.tokens_per_sec,
+            keys: ApiKeys::parse(opts.keys).expect("keys"),
+            engine: EngineConfig {
+                coalesce: Coalesce {
+                    max_bytes: opts.coalesce_bytes,
+                    max_delay: Duration::ZERO,
+                },
+                retention: opts.retention,
+                ..EngineConfig::default()
+            },
+            http: HttpConfig {
+                heartbeat: opts.heartbeat,
+                max_body_bytes: opts.max_body,
+            },
+        };
+        let running = sluice::start(config).await.expect("server starts");
+        let url = running.url();
+        TestServer {
+            running: Some(running),
+            url,
+            _dir: dir,
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(self.url.clone())
+    }
+}
+
+pub fn req(content: &str) -> RunRequest {
+    RunRequest {
+        content: content.into(),
+        model: None,
+        on_busy: Default::default(),
+        on_disconnect: Default::default(),
+    }
+}
+
+/// Reads a run stream to its end.
+pub async fn collect(mut stream: sluice_client::RunStream) -> Vec<StreamEvent> {
+    let mut events = Vec::new();
+    while let Some(ev) = stream.next().await {
+        events.push(ev.expect("stream event"));
+    }
+    events
+}
+
+pub fn text_of(events: &[StreamEvent]) -> String {
+    events
+        .iter()
+        .filter_map(|e| match &e.event.body {
+            sluice_protocol::EventBody::TextDelta { delta } => Some(delta.as_str()),
+            _ => None,
+        })
+        .collect()
+}
