@@ -1,6 +1,361 @@
-//! `sluice bench`: placeholder replaced below.
+//! `sluice bench`: many concurrent demo runs against a real `sluice serve` child process.
+//!
+//! It starts the server (this same binary) on a free port with a fresh data directory, then:
+//! 1. **baseline** — sequential `GET /healthz` round trips and sequential `POST /v1/runs/stream`
+//!    requests on the same kind of connection; the difference of their time to first byte/event is
+//!    what opening a run adds (store write queued, task spawned, first frame written);
+//! 2. **load** — opens `--streams` runs at once (each its own TCP connection, a minimal HTTP/1.1
+//!    client so that the client's own cost stays small), reads every stream to its terminal
+//!    event, and samples the server's resident memory while all streams are open.
+//!
+//! It reports time to first event p50/p99, events/s, server CPU, and resident memory per open
+//! stream (RSS with all streams open minus RSS before, divided by the count).
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+
 #[derive(Debug, Clone, clap::Args)]
-pub struct BenchArgs {}
-pub async fn run(_args: BenchArgs) -> anyhow::Result<()> {
+pub struct BenchArgs {
+    /// Concurrent streams to open in the load phase.
+    #[arg(long, default_value_t = 1000)]
+    pub streams: usize,
+    /// The demo model's pace during the load phase (tokens/s per run). Runs must outlast the time
+    /// it takes to open every stream for the memory sample to see them all open.
+    #[arg(long, default_value_t = 10.0)]
+    pub tokens_per_sec: f64,
+    /// Sequential requests in the baseline phase.
+    #[arg(long, default_value_t = 200)]
+    pub baseline: usize,
+    /// Connections being opened at the same moment.
+    #[arg(long, default_value_t = 200)]
+    pub connect_concurrency: usize,
+}
+
+struct Server {
+    child: tokio::process::Child,
+    addr: String,
+    pid: u32,
+    _dir: tempfile::TempDir,
+}
+
+async fn spawn_server(tokens_per_sec: f64) -> anyhow::Result<Server> {
+    let dir = tempfile::tempdir()?;
+    let exe = std::env::current_exe()?;
+    let mut child = tokio::process::Command::new(exe)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("SLUICE_DEMO_TOKENS_PER_SEC", tokens_per_sec.to_string())
+        .env("SLUICE_LOG", "warn,sluice=info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting sluice serve")?;
+    let pid = child.id().context("server pid")?;
+    let stderr = child.stderr.take().context("server stderr")?;
+    let mut lines = BufReader::new(stderr).lines();
+    let addr = loop {
+        let Some(line) = lines.next_line().await? else {
+            bail!("the server exited before listening");
+        };
+        if let Some(rest) = line.split("sluice listening on http://").nth(1) {
+            break rest
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(Server {
+        child,
+        addr,
+        pid,
+        _dir: dir,
+    })
+}
+
+/// Resident memory of a process in KiB (Linux /proc).
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// User + system CPU time of a process, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let ticks = {
+        #[allow(unsafe_code)]
+        // SAFETY: sysconf has no preconditions.
+        let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        if t > 0 { t as f64 } else { 100.0 }
+    };
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = after.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / ticks)
+        })
+        .unwrap_or(0.0)
+}
+
+/// What one stream saw.
+struct StreamResult {
+    first_event: Duration,
+    events: u64,
+}
+
+/// Matches `\nevent: ` across reads and captures the type that follows.
+#[derive(Default)]
+struct FrameCounter {
+    state: usize,
+    capturing: Option<Vec<u8>>,
+    events: u64,
+    terminal: bool,
+}
+
+const PATTERN: &[u8] = b"\nevent: ";
+
+impl FrameCounter {
+    fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if let Some(cap) = &mut self.capturing {
+                if b == b'\n' {
+                    let kind = std::mem::take(cap);
+                    self.capturing = None;
+                    self.events += 1;
+                    if matches!(
+                        &kind[..],
+                        b"run_completed" | b"run_failed" | b"run_cancelled" | b"run_interrupted"
+                    ) {
+                        self.terminal = true;
+                    }
+                    self.state = 1;
+                } else {
+                    cap.push(b);
+                }
+                continue;
+            }
+            if b == PATTERN[self.state] {
+                self.state += 1;
+                if self.state == PATTERN.len() {
+                    self.capturing = Some(Vec::with_capacity(24));
+                    self.state = 0;
+                }
+            } else {
+                self.state = usize::from(b == b'\n');
+            }
+        }
+    }
+}
+
+async fn open_stream(addr: &str, body: &str) -> anyhow::Result<(TcpStream, Instant)> {
+    let mut sock = TcpStream::connect(addr).await?;
+    sock.set_nodelay(true)?;
+    let started = Instant::now();
+    let req = format!(
+        "POST /v1/runs/stream HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    sock.write_all(req.as_bytes()).await?;
+    Ok((sock, started))
+}
+
+/// Reads a stream to its terminal event; `opened` is called once the first event arrived.
+async fn read_stream(
+    mut sock: TcpStream,
+    started: Instant,
+    opened: impl FnOnce(),
+) -> anyhow::Result<StreamResult> {
+    let mut buf = vec![0u8; 4096];
+    let mut counter = FrameCounter::default();
+    let mut first = None;
+    let mut opened = Some(opened);
+    while !counter.terminal {
+        let n = sock.read(&mut buf).await?;
+        if n == 0 {
+            bail!("connection closed before the terminal event");
+        }
+        counter.feed(&buf[..n]);
+        if first.is_none() && counter.events > 0 {
+            first = Some(started.elapsed());
+            if let Some(f) = opened.take() {
+                f();
+            }
+        }
+    }
+    Ok(StreamResult {
+        first_event: first.unwrap_or_default(),
+        events: counter.events,
+    })
+}
+
+async fn healthz_rtt(addr: &str) -> anyhow::Result<Duration> {
+    let mut sock = TcpStream::connect(addr).await?;
+    sock.set_nodelay(true)?;
+    let started = Instant::now();
+    sock.write_all(format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = [0u8; 512];
+    let n = sock.read(&mut buf).await?;
+    if n == 0 {
+        bail!("healthz: connection closed");
+    }
+    Ok(started.elapsed())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1000.0)
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    raise_fd_limit(args.streams as u64 * 2 + 256);
+    let body = r#"{"content":"benchmark"}"#;
+
+    // Phase 1: baseline at low load, on a fast server (pace 0: every token as soon as possible).
+    let server = spawn_server(0.0).await?;
+    let mut rtt = Vec::with_capacity(args.baseline);
+    let mut ttfe = Vec::with_capacity(args.baseline);
+    for _ in 0..args.baseline {
+        rtt.push(healthz_rtt(&server.addr).await?);
+        let (sock, started) = open_stream(&server.addr, body).await?;
+        ttfe.push(read_stream(sock, started, || {}).await?.first_event);
+    }
+    rtt.sort();
+    ttfe.sort();
+    println!("# sluice bench — {} streams", args.streams);
+    println!("## low load ({} sequential requests)", args.baseline);
+    println!(
+        "healthz round trip        p50 {}  p99 {}",
+        ms(percentile(&rtt, 0.5)),
+        ms(percentile(&rtt, 0.99))
+    );
+    println!(
+        "run stream, first event   p50 {}  p99 {}",
+        ms(percentile(&ttfe, 0.5)),
+        ms(percentile(&ttfe, 0.99))
+    );
+    let added50 = percentile(&ttfe, 0.5).saturating_sub(percentile(&rtt, 0.5));
+    let added99 = percentile(&ttfe, 0.99).saturating_sub(percentile(&rtt, 0.99));
+    println!(
+        "added by opening a run    p50 {}  p99 {}",
+        ms(added50),
+        ms(added99)
+    );
+    drop(server);
+
+    // Phase 2: all streams open at once.
+    let mut server = spawn_server(args.tokens_per_sec).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_idle = rss_kib(server.pid);
+    let cpu_before = cpu_secs(server.pid);
+    let gate = Arc::new(Semaphore::new(args.connect_concurrency));
+    let opened = Arc::new(tokio::sync::Notify::new());
+    let open_count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..args.streams {
+        let addr = server.addr.clone();
+        let gate = gate.clone();
+        let opened = opened.clone();
+        let open_count = open_count.clone();
+        let n = args.streams;
+        tasks.spawn(async move {
+            let permit = gate.acquire_owned().await?;
+            let (sock, t0) = open_stream(&addr, body).await?;
+            read_stream(sock, t0, move || {
+                drop(permit);
+                if open_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == n {
+                    opened.notify_one();
+                }
+            })
+            .await
+        });
+    }
+    opened.notified().await;
+    let all_open = started.elapsed();
+    let rss_open = rss_kib(server.pid);
+    let mut first = Vec::with_capacity(args.streams);
+    let mut events = 0;
+    let mut failures = 0;
+    while let Some(res) = tasks.join_next().await {
+        match res {
+            Ok(Ok(r)) => {
+                first.push(r.first_event);
+                events += r.events;
+            }
+            _ => failures += 1,
+        }
+    }
+    let wall = started.elapsed();
+    let cpu = cpu_secs(server.pid) - cpu_before;
+    first.sort();
+    println!(
+        "## {} concurrent streams (demo at {} tokens/s per run)",
+        args.streams, args.tokens_per_sec
+    );
+    println!("all streams open after    {}", ms(all_open));
+    println!(
+        "first event               p50 {}  p99 {}",
+        ms(percentile(&first, 0.5)),
+        ms(percentile(&first, 0.99))
+    );
+    println!(
+        "events delivered          {events} in {:.2} s = {:.0} events/s",
+        wall.as_secs_f64(),
+        events as f64 / wall.as_secs_f64()
+    );
+    println!(
+        "server CPU                {:.2} s = {:.1}% of one core",
+        cpu,
+        100.0 * cpu / wall.as_secs_f64()
+    );
+    println!(
+        "server RSS                idle {} KiB, all open {} KiB => {:.1} KiB per open stream",
+        rss_idle,
+        rss_open,
+        (rss_open.saturating_sub(rss_idle)) as f64 / args.streams as f64
+    );
+    println!("failed streams            {failures}");
+    let _ = server.child.kill().await;
+    if failures > 0 {
+        bail!("{failures} streams failed");
+    }
     Ok(())
+}
+
+/// Lifts the soft open-files limit toward `want` (up to the hard limit): each stream is a socket.
+fn raise_fd_limit(want: u64) {
+    #[allow(unsafe_code)]
+    // SAFETY: getrlimit/setrlimit with a valid, initialised struct.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < want {
+            lim.rlim_cur = want.min(lim.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
