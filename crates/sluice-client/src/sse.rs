@@ -125,11 +125,7 @@ impl SseParser {
                 self.data.push('\n');
                 self.has_data = true;
             }
-            "id" => {
-                if !value.contains('\0') {
-                    self.last_event_id = value.to_string();
-                }
-            }
+            "id" if !value.contains('\0') => self.last_event_id = value.to_string(),
             "retry" => {
                 if !value.is_empty()
                     && value.bytes().all(|b| b.is_ascii_digit())

@@ -35,7 +35,7 @@ impl EventLog {
     pub fn new(run_id: Arc<str>) -> Self {
         EventLog {
             run_id,
-            frames: RwLock::new(Vec::with_capacity(64)),
+            frames: RwLock::new(Vec::with_capacity(16)),
             len: watch::Sender::new(0),
             closed: AtomicBool::new(false),
         }

@@ -164,6 +164,9 @@ pub(crate) struct Inner {
     config: EngineConfig,
     /// Runs in memory by id.
     runs: Mutex<HashMap<Arc<str>, Arc<RunHandle>>>,
+    /// Threads known to exist, with their owner: spares a store round trip when a run starts on an
+    /// existing thread. Bounded: cleared when it reaches `KNOWN_THREADS_MAX`.
+    known_threads: Mutex<HashMap<String, String>>,
     /// The unfinished runs of each thread, oldest first: the running one, then those queued.
     busy: Mutex<HashMap<String, Vec<Arc<RunHandle>>>>,
     metrics: Arc<Metrics>,
@@ -190,6 +193,7 @@ impl Engine {
             models,
             config,
             runs: Mutex::new(HashMap::new()),
+            known_threads: Mutex::new(HashMap::new()),
             busy: Mutex::new(HashMap::new()),
             metrics,
             tracker: TaskTracker::new(),
@@ -253,7 +257,38 @@ impl Engine {
             messages: Some(Vec::new()),
         };
         self.inner.store.create_thread(thread).await?;
+        self.remember_thread(&view.id, owner);
         Ok(view)
+    }
+
+    fn remember_thread(&self, id: &str, owner: &str) {
+        if let Ok(mut known) = self.inner.known_threads.lock() {
+            if known.len() >= KNOWN_THREADS_MAX {
+                known.clear();
+            }
+            known.insert(id.to_string(), owner.to_string());
+        }
+    }
+
+    async fn thread_exists(&self, owner: &str, id: &str) -> Result<bool, EngineError> {
+        let cached = self
+            .inner
+            .known_threads
+            .lock()
+            .ok()
+            .and_then(|k| k.get(id).map(|o| o == owner));
+        if let Some(mine) = cached {
+            return Ok(mine);
+        }
+        let exists = self
+            .inner
+            .store
+            .thread_exists(owner.to_string(), id.to_string())
+            .await?;
+        if exists {
+            self.remember_thread(id, owner);
+        }
+        Ok(exists)
     }
 
     pub async fn get_thread(&self, owner: &str, id: &str) -> Result<ThreadView, EngineError> {
@@ -290,6 +325,9 @@ impl Engine {
         }
         for run in active.iter().filter(|r| r.owner == owner) {
             run.log.wait_closed().await;
+        }
+        if let Ok(mut known) = self.inner.known_threads.lock() {
+            known.remove(id);
         }
         if self
             .inner
@@ -340,17 +378,23 @@ impl Engine {
         let (thread_id, new_thread) = match thread_id {
             Some(id) => {
                 // Existence and ownership; the history itself is read when the run starts.
-                if !self
-                    .inner
-                    .store
-                    .thread_exists(owner.to_string(), id.to_string())
-                    .await?
-                {
+                if !self.thread_exists(owner, id).await? {
                     return Err(EngineError::NotFound(format!("no thread {id:?}")));
                 }
                 (id.to_string(), false)
             }
-            None => (self.create_thread(owner, None).await?.id, true),
+            None => {
+                // Queued, not awaited: everything read later is queued behind it.
+                let id = new_id();
+                self.inner.store.queue_thread(NewThread {
+                    id: id.clone(),
+                    owner: owner.to_string(),
+                    title: None,
+                    created_at: now_ms(),
+                });
+                self.remember_thread(&id, owner);
+                (id, true)
+            }
         };
         let run_id: Arc<str> = new_id().into();
         let handle = Arc::new(RunHandle {
@@ -538,6 +582,9 @@ impl Engine {
         }
     }
 }
+
+/// The most thread owners remembered in memory before the cache starts over.
+const KNOWN_THREADS_MAX: usize = 100_000;
 
 /// A new time-ordered id (UUIDv7).
 pub fn new_id() -> String {

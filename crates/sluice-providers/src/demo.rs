@@ -36,8 +36,8 @@ impl DemoModel {
     }
 }
 
-/// The whole scripted output for one question: reasoning tokens, then answer tokens.
-pub fn script(question: &str) -> (Vec<String>, Vec<String>) {
+/// The scripted reasoning and answer texts for one question.
+fn texts(question: &str) -> (String, String) {
     let quoted: String = question.chars().take(200).collect();
     let quoted = quoted.replace(['\n', '\r'], " ");
     let words = quoted.split_whitespace().count();
@@ -55,27 +55,71 @@ pub fn script(question: &str) -> (Vec<String>, Vec<String>) {
          ```text\nsluice serve   # embedded store, demo model\n```\n\n\
          Configure a real provider to get real answers. That is all for now."
     );
-    (split_tokens(&reasoning), split_tokens(&answer))
+    (reasoning, answer)
 }
 
-/// Splits text into word tokens that keep their trailing whitespace, so their concatenation is the text.
-fn split_tokens(text: &str) -> Vec<String> {
-    let mut tokens = Vec::new();
-    let mut current = String::new();
-    let mut in_space = false;
-    for ch in text.chars() {
-        if ch.is_whitespace() {
-            in_space = true;
-        } else if in_space {
-            tokens.push(std::mem::take(&mut current));
-            in_space = false;
-        }
-        current.push(ch);
+/// The whole scripted output for one question: reasoning tokens, then answer tokens.
+pub fn script(question: &str) -> (Vec<String>, Vec<String>) {
+    let (reasoning, answer) = texts(question);
+    let all = |text: &str| {
+        let mut pos = 0;
+        std::iter::from_fn(|| next_token(text, &mut pos).map(str::to_string)).collect()
+    };
+    (all(&reasoning), all(&answer))
+}
+
+/// The token at `*pos`: a word and the whitespace after it, so tokens concatenate to the text.
+fn next_token<'a>(text: &'a str, pos: &mut usize) -> Option<&'a str> {
+    let rest = &text[*pos..];
+    if rest.is_empty() {
+        return None;
     }
-    if !current.is_empty() {
-        tokens.push(current);
+    let word_end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+    let space_end = rest[word_end..]
+        .find(|c: char| !c.is_whitespace())
+        .map_or(rest.len(), |i| word_end + i);
+    *pos += space_end;
+    Some(&rest[..space_end])
+}
+
+/// Where a demo stream is. Tokens are cut from the two texts as they are sent, so a run costs its
+/// two strings, not a list of prepared events.
+struct Cursor {
+    reasoning: String,
+    answer: String,
+    phase: u8,
+    pos: usize,
+    usage: Usage,
+    pause: Option<Duration>,
+    next_at: Option<tokio::time::Instant>,
+}
+
+impl Cursor {
+    fn next_event(&mut self) -> Option<ModelEvent> {
+        let event = match self.phase {
+            0 => match next_token(&self.reasoning, &mut self.pos) {
+                Some(t) => ModelEvent::ReasoningDelta(t.to_string()),
+                None => {
+                    self.phase = 1;
+                    self.pos = 0;
+                    ModelEvent::ReasoningDone
+                }
+            },
+            1 => match next_token(&self.answer, &mut self.pos) {
+                Some(t) => ModelEvent::TextDelta(t.to_string()),
+                None => {
+                    self.phase = 2;
+                    ModelEvent::TextDone
+                }
+            },
+            2 => {
+                self.phase = 3;
+                ModelEvent::Usage(self.usage)
+            }
+            _ => return None,
+        };
+        Some(event)
     }
-    tokens
 }
 
 impl Model for DemoModel {
@@ -87,55 +131,59 @@ impl Model for DemoModel {
             .find(|m| m.role == "user")
             .map(|m| m.content.clone())
             .unwrap_or_default();
-        let (reasoning, answer) = script(&question);
+        let (reasoning, answer) = texts(&question);
+        let count = |t: &str| {
+            let mut pos = 0;
+            std::iter::from_fn(|| next_token(t, &mut pos)).count() as u64
+        };
         let input_tokens = request
             .messages
             .iter()
             .map(|m| m.content.split_whitespace().count() as u64)
             .sum::<u64>();
+        let (reasoning_tokens, output_tokens) = (count(&reasoning), count(&answer));
         let usage = Usage {
             input_tokens,
-            output_tokens: answer.len() as u64,
-            reasoning_tokens: reasoning.len() as u64,
-            total_tokens: input_tokens + answer.len() as u64 + reasoning.len() as u64,
+            output_tokens,
+            reasoning_tokens,
+            total_tokens: input_tokens + output_tokens + reasoning_tokens,
         };
-        let mut events = Vec::with_capacity(reasoning.len() + answer.len() + 3);
-        events.extend(reasoning.into_iter().map(ModelEvent::ReasoningDelta));
-        events.push(ModelEvent::ReasoningDone);
-        events.extend(answer.into_iter().map(ModelEvent::TextDelta));
-        events.push(ModelEvent::TextDone);
-        events.push(ModelEvent::Usage(usage));
         let pause = if self.config.tokens_per_sec > 0.0 {
             Some(Duration::from_secs_f64(1.0 / self.config.tokens_per_sec))
         } else {
             None
         };
-        let state = (events.into_iter(), pause, None::<tokio::time::Instant>);
-        Box::pin(stream::unfold(
-            state,
-            |(mut events, pause, mut next_at)| async move {
-                let event = events.next()?;
-                let is_token = matches!(
-                    event,
-                    ModelEvent::TextDelta(_) | ModelEvent::ReasoningDelta(_)
-                );
-                if is_token {
-                    match pause {
-                        // Pace against a schedule, not "sleep after each token", so the rate holds
-                        // whatever time the consumer spends between polls.
-                        Some(p) => {
-                            let now = tokio::time::Instant::now();
-                            let floor = now.checked_sub(p).unwrap_or(now);
-                            let at = next_at.map_or(now, |t: tokio::time::Instant| t.max(floor));
-                            tokio::time::sleep_until(at).await;
-                            next_at = Some(at + p);
-                        }
-                        None => tokio::task::yield_now().await,
+        let cursor = Cursor {
+            reasoning,
+            answer,
+            phase: 0,
+            pos: 0,
+            usage,
+            pause,
+            next_at: None,
+        };
+        Box::pin(stream::unfold(cursor, |mut cur| async move {
+            let event = cur.next_event()?;
+            let is_token = matches!(
+                event,
+                ModelEvent::TextDelta(_) | ModelEvent::ReasoningDelta(_)
+            );
+            if is_token {
+                match cur.pause {
+                    // Pace against a schedule, not "sleep after each token", so the rate holds
+                    // whatever time the consumer spends between polls.
+                    Some(p) => {
+                        let now = tokio::time::Instant::now();
+                        let floor = now.checked_sub(p).unwrap_or(now);
+                        let at = cur.next_at.map_or(now, |t| t.max(floor));
+                        tokio::time::sleep_until(at).await;
+                        cur.next_at = Some(at + p);
                     }
+                    None => tokio::task::yield_now().await,
                 }
-                Some((Ok(event), (events, pause, next_at)))
-            },
-        ))
+            }
+            Some((Ok(event), cur))
+        }))
     }
 }
 

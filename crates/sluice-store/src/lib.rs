@@ -107,6 +107,9 @@ pub struct RecoveredRun {
 pub trait Store: Send + Sync + 'static {
     /// Creates a thread; awaited, so the id is usable as soon as the caller has it.
     fn create_thread(&self, thread: NewThread) -> Reply<()>;
+    /// Queues the creation of a thread without waiting (a run's own new thread: the stream must not
+    /// wait for the disk). Reads queued after it see it.
+    fn queue_thread(&self, thread: NewThread);
     /// Queues the creation of a run and its two messages.
     fn create_run(&self, run: NewRun);
     /// Queues a queued run's move to `running`.

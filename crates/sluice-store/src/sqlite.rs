@@ -70,7 +70,8 @@ CREATE TABLE IF NOT EXISTS events (
 "#;
 
 enum Op {
-    CreateThread(NewThread, oneshot::Sender<Result<(), StoreError>>),
+    /// With no reply channel, a failure is logged.
+    CreateThread(NewThread, Option<oneshot::Sender<Result<(), StoreError>>>),
     CreateRun(NewRun),
     StartRun(Arc<str>),
     Append {
@@ -161,7 +162,10 @@ impl SqliteStore {
 
 impl Store for SqliteStore {
     fn create_thread(&self, thread: NewThread) -> Reply<()> {
-        self.ask(|tx| Op::CreateThread(thread, tx))
+        self.ask(|tx| Op::CreateThread(thread, Some(tx)))
+    }
+    fn queue_thread(&self, thread: NewThread) {
+        self.submit(Op::CreateThread(thread, None));
     }
     fn create_run(&self, run: NewRun) {
         self.submit(Op::CreateRun(run));
@@ -341,14 +345,19 @@ fn apply_batch(conn: &mut Connection, batch: &mut Vec<Op>) -> Result<(), StoreEr
                 log_err(finish_run(&tx, &end), "finish run");
             }
             Op::CreateThread(t, reply) => {
-                let _ = reply.send(
-                    tx.execute(
+                let res = tx
+                    .execute(
                         "INSERT INTO threads (id, owner, title, created_at) VALUES (?1, ?2, ?3, ?4)",
                         params![t.id, t.owner, t.title, t.created_at],
                     )
                     .map(|_| ())
-                    .map_err(StoreError::from),
-                );
+                    .map_err(StoreError::from);
+                match reply {
+                    Some(reply) => {
+                        let _ = reply.send(res);
+                    }
+                    None => log_err(res, "create thread"),
+                }
             }
             Op::CreateRun(r) => log_err(create_run(&tx, &r), "create run"),
             Op::StartRun(id) => log_err(

@@ -73,7 +73,9 @@ async fn bad_requests_and_foreign_ids_get_documented_errors_and_change_nothing()
     let before = snapshot(url, "key-a").await;
 
     let run_path = format!("{url}/v1/threads/{thread}/runs");
-    let cases: Vec<(M, String, Option<&str>, Option<Vec<u8>>, u16, &str)> = vec![
+    /// method, url, key, body, expected status, expected code
+    type Case<'a> = (M, String, Option<&'a str>, Option<Vec<u8>>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         (
             M::GET,
             format!("{url}/v1/threads"),

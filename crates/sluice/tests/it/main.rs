@@ -1,6 +1,8 @@
 //! Integration tests: the real server on a free port, spoken to over real HTTP and WebSocket.
 //! `process.rs` runs the real binary as a child process (for kill -9).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod api;
 mod process;
 mod resume;
