@@ -11,7 +11,13 @@ use crate::{Opts, TestServer, collect, req, text_of};
 
 #[tokio::test]
 async fn a_streamed_run_is_gapless_and_its_text_is_the_persisted_message() {
-    let server = TestServer::start(Opts::default()).await;
+    // Merging off, so that every seq arrives as its own event even when the client falls behind
+    // (merged deltas are covered in resume.rs and event_log.rs).
+    let server = TestServer::start(Opts {
+        coalesce_bytes: 0,
+        ..Opts::default()
+    })
+    .await;
     // Raw request first: the headers proxies need.
     let resp = reqwest::Client::new()
         .post(format!("{}/v1/runs/stream", server.url))
