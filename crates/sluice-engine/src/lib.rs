@@ -42,6 +42,8 @@ pub enum EngineError {
          the cursor is past that: reload the run (GET /v1/runs/{{id}}) and follow it again from 0"
     )]
     StreamReset { durable_seq: u64 },
+    #[error("{0}")]
+    RateLimited(String),
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error("storage failed: {0}")]
@@ -55,6 +57,7 @@ impl EngineError {
             EngineError::Conflict(_) => ErrorCode::Conflict,
             EngineError::InvalidRequest(_) => ErrorCode::InvalidRequest,
             EngineError::StreamReset { .. } => ErrorCode::StreamReset,
+            EngineError::RateLimited(_) => ErrorCode::RateLimited,
             EngineError::ShuttingDown => ErrorCode::Unavailable,
             EngineError::Store(_) => ErrorCode::Internal,
         }
@@ -71,6 +74,8 @@ pub struct EngineConfig {
     pub retention: Duration,
     /// The longest user message accepted, in bytes.
     pub max_content_bytes: usize,
+    /// The most unfinished (running or queued) runs one owner may have; 0 = no limit.
+    pub max_active_runs_per_owner: usize,
 }
 
 impl Default for EngineConfig {
@@ -80,6 +85,7 @@ impl Default for EngineConfig {
             coalesce: Coalesce::default(),
             retention: Duration::from_secs(60),
             max_content_bytes: 256 * 1024,
+            max_active_runs_per_owner: 0,
         }
     }
 }
@@ -167,6 +173,8 @@ pub(crate) struct Inner {
     /// Threads known to exist, with their owner: spares a store round trip when a run starts on an
     /// existing thread. Bounded: cleared when it reaches `KNOWN_THREADS_MAX`.
     known_threads: Mutex<HashMap<String, String>>,
+    /// Unfinished runs per owner, for `max_active_runs_per_owner`.
+    active_by_owner: Mutex<HashMap<String, usize>>,
     /// The unfinished runs of each thread, oldest first: the running one, then those queued.
     busy: Mutex<HashMap<String, Vec<Arc<RunHandle>>>>,
     metrics: Arc<Metrics>,
@@ -194,6 +202,7 @@ impl Engine {
             config,
             runs: Mutex::new(HashMap::new()),
             known_threads: Mutex::new(HashMap::new()),
+            active_by_owner: Mutex::new(HashMap::new()),
             busy: Mutex::new(HashMap::new()),
             metrics,
             tracker: TaskTracker::new(),
@@ -375,6 +384,7 @@ impl Engine {
             ))
         })?;
         let accepted = Instant::now();
+        let slot = self.take_run_slot(owner)?;
         let (thread_id, new_thread) = match thread_id {
             Some(id) => {
                 // Existence and ownership; the history itself is read when the run starts.
@@ -457,6 +467,7 @@ impl Engine {
             runs.insert(run_id, handle.clone());
         }
         self.inner.metrics.run_started();
+        slot.keep();
         let task = run::RunTask {
             inner: self.inner.clone(),
             handle: handle.clone(),
@@ -469,6 +480,28 @@ impl Engine {
         };
         self.inner.tracker.spawn(task.drive());
         Ok(handle)
+    }
+
+    /// Counts a new unfinished run for `owner`, or refuses it with 429 when the owner is at the
+    /// limit. The slot is given back when the run ends, or when the start fails (the guard drops).
+    fn take_run_slot(&self, owner: &str) -> Result<RunSlot, EngineError> {
+        let max = self.inner.config.max_active_runs_per_owner;
+        let mut active = self
+            .inner
+            .active_by_owner
+            .lock()
+            .map_err(|_| EngineError::ShuttingDown)?;
+        let n = active.entry(owner.to_string()).or_insert(0);
+        if max > 0 && *n >= max {
+            return Err(EngineError::RateLimited(format!(
+                "{n} runs are already going for this API key (the limit is {max}); wait for one to end or cancel one"
+            )));
+        }
+        *n += 1;
+        Ok(RunSlot {
+            inner: Some(self.inner.clone()),
+            owner: owner.to_string(),
+        })
     }
 
     /// A run in memory that `owner` may see.
@@ -579,6 +612,40 @@ impl Engine {
         }
         if let Err(err) = self.inner.store.flush().await {
             tracing::error!(error = %err, "final store flush failed");
+        }
+    }
+}
+
+/// One counted unfinished run of an owner; given back on drop unless kept for the run's task.
+struct RunSlot {
+    inner: Option<Arc<Inner>>,
+    owner: String,
+}
+
+impl RunSlot {
+    /// The run started: its task gives the slot back when it ends.
+    fn keep(mut self) {
+        self.inner = None;
+    }
+}
+
+impl Drop for RunSlot {
+    fn drop(&mut self) {
+        if let Some(inner) = &self.inner {
+            inner.release_run_slot(&self.owner);
+        }
+    }
+}
+
+impl Inner {
+    pub(crate) fn release_run_slot(&self, owner: &str) {
+        if let Ok(mut active) = self.active_by_owner.lock()
+            && let Some(n) = active.get_mut(owner)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                active.remove(owner);
+            }
         }
     }
 }

@@ -159,6 +159,7 @@ impl RunTask {
             }
         }
         self.inner.metrics.run_ended(outcome);
+        self.inner.release_run_slot(&handle.owner);
         let secs = duration_ms / 1000.0;
         tracing::info!(
             run_id = %handle.id,

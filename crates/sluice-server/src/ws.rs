@@ -49,7 +49,16 @@ async fn session(st: Arc<AppState>, owner: String, socket: WebSocket) {
         let _ = sink.close().await;
     });
     let mut follows: HashMap<String, JoinHandle<()>> = HashMap::new();
-    while let Some(Ok(msg)) = incoming.next().await {
+    let mut shutting_down = false;
+    loop {
+        let msg = tokio::select! {
+            msg = incoming.next() => msg,
+            _ = st.shutdown.cancelled() => {
+                shutting_down = true;
+                break;
+            }
+        };
+        let Some(Ok(msg)) = msg else { break };
         let text = match msg {
             Message::Text(t) => t,
             Message::Close(_) => break,
@@ -113,8 +122,14 @@ async fn session(st: Arc<AppState>, owner: String, socket: WebSocket) {
             }
         }
     }
-    for (_, h) in follows {
-        h.abort();
+    if shutting_down {
+        // Every run is being ended with run_interrupted: let the forwarders deliver it, then close.
+        let drain = futures_util::future::join_all(follows.into_values());
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), drain).await;
+    } else {
+        for (_, h) in follows {
+            h.abort();
+        }
     }
     drop(tx);
     let _ = writer.await;

@@ -23,6 +23,9 @@ pub struct ChatArgs {
     /// Continue this thread instead of starting a new one.
     #[arg(long)]
     pub thread: Option<String>,
+    /// Dim the reasoning with terminal colours: auto (when stdout is a terminal), always, never.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
+    pub color: String,
 }
 
 pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
@@ -38,7 +41,17 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
     };
     let mut stream = client.stream_run(args.thread.as_deref(), &req).await?;
     let mut out = std::io::stdout().lock();
-    let (dim, reset) = ("\x1b[2m", "\x1b[0m");
+    let color = match args.color.as_str() {
+        "always" => true,
+        "never" => false,
+        _ => std::io::IsTerminal::is_terminal(&std::io::stdout()),
+    };
+    let (dim, reset) = if color {
+        ("\x1b[2m", "\x1b[0m")
+    } else {
+        ("", "")
+    };
+    let mut in_reasoning = false;
     while let Some(ev) = stream.next().await {
         let ev = ev?;
         match ev.event.body {
@@ -49,8 +62,17 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
                     ev.event.run_id
                 )?;
             }
-            EventBody::ReasoningDelta { delta } => write!(out, "{dim}{delta}{reset}")?,
-            EventBody::ReasoningDone {} => writeln!(out, "\n")?,
+            EventBody::ReasoningDelta { delta } => {
+                if !in_reasoning {
+                    in_reasoning = true;
+                    write!(out, "{dim}")?;
+                }
+                write!(out, "{delta}")?;
+            }
+            EventBody::ReasoningDone {} => {
+                in_reasoning = false;
+                write!(out, "{reset}\n\n")?;
+            }
             EventBody::TextDelta { delta } => write!(out, "{delta}")?,
             EventBody::TextDone {} => writeln!(out)?,
             EventBody::Error { error } => {

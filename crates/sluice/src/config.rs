@@ -47,6 +47,8 @@ pub struct FileConfig {
     pub heartbeat_ms: Option<u64>,
     pub max_body_bytes: Option<usize>,
     pub max_content_bytes: Option<usize>,
+    /// The most unfinished runs one owner (API key) may have; 0 = no limit.
+    pub max_active_runs_per_owner: Option<usize>,
     /// Seconds a finished run's log stays in memory for replay.
     pub retention_secs: Option<u64>,
     #[serde(default)]
@@ -148,6 +150,9 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Config> {
             .map(Duration::from_secs)
             .unwrap_or(defaults.retention),
         max_content_bytes: file.max_content_bytes.unwrap_or(defaults.max_content_bytes),
+        max_active_runs_per_owner: file
+            .max_active_runs_per_owner
+            .unwrap_or(defaults.max_active_runs_per_owner),
     };
     let http = HttpConfig {
         heartbeat: Duration::from_millis(heartbeat_ms),

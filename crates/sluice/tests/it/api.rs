@@ -282,3 +282,29 @@ async fn bad_requests_and_foreign_ids_get_documented_errors_and_change_nothing()
     .await;
     assert_eq!((status, code(&v)), (404, "NOT_FOUND"));
 }
+
+#[tokio::test]
+async fn an_owner_at_the_run_limit_gets_429_until_a_run_ends() {
+    let server = TestServer::start(Opts {
+        tokens_per_sec: 50.0,
+        max_runs_per_owner: 2,
+        ..Opts::default()
+    })
+    .await;
+    let client = server.client();
+    let a = client.start_run(None, &req("a")).await.expect("first");
+    let _b = client.start_run(None, &req("b")).await.expect("second");
+    let (status, v) = call(
+        reqwest::Method::POST,
+        format!("{}/v1/runs", server.url),
+        None,
+        Some(b"{\"content\":\"c\"}".to_vec()),
+    )
+    .await;
+    assert_eq!((status, code(&v)), (429, "RATE_LIMITED"), "{v}");
+    client.cancel(&a.id).await.expect("cancel");
+    client
+        .start_run(None, &req("c"))
+        .await
+        .expect("a slot is free again");
+}

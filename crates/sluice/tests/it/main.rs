@@ -24,6 +24,7 @@ pub struct Opts {
     pub retention: Duration,
     pub heartbeat: Duration,
     pub max_body: usize,
+    pub max_runs_per_owner: usize,
 }
 
 impl Default for Opts {
@@ -35,6 +36,7 @@ impl Default for Opts {
             retention: Duration::from_secs(60),
             heartbeat: Duration::from_secs(15),
             max_body: 64 * 1024,
+            max_runs_per_owner: 0,
         }
     }
 }
@@ -59,6 +61,7 @@ impl TestServer {
                     max_delay: Duration::ZERO,
                 },
                 retention: opts.retention,
+                max_active_runs_per_owner: opts.max_runs_per_owner,
                 ..EngineConfig::default()
             },
             http: HttpConfig {

@@ -162,3 +162,93 @@ async fn kill_9_mid_run_then_restart_interrupts_the_run_and_keeps_everything_els
     child.kill().expect("stop");
     child.wait().expect("reaped");
 }
+
+#[tokio::test]
+async fn sigterm_interrupts_runs_in_flight_flushes_and_exits_cleanly() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (mut child, url) = spawn(dir.path(), "40");
+    let client = Client::new(url);
+    let mut stream = client
+        .stream_run(None, &req("stop the server"))
+        .await
+        .expect("stream");
+    let first = stream.next().await.expect("first").expect("ok");
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(status.success());
+    let mut events = vec![first];
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(ev) => events.push(ev),
+            // After the terminal event nothing is read; a network error before it is a failure.
+            Err(e) => panic!("stream broke before its terminal event: {e}"),
+        }
+    }
+    let last = events.last().expect("events");
+    let EventBody::RunInterrupted { durable_seq, .. } = last.event.body else {
+        panic!(
+            "a clean shutdown ends runs with run_interrupted: {:?}",
+            last.event.body
+        );
+    };
+    assert_eq!(durable_seq + 1, last.event.seq);
+    assert_eq!(
+        last.id,
+        last.event.seq.to_string(),
+        "a clean shutdown stays in epoch 1"
+    );
+    let exit = child.wait().expect("exit");
+    assert!(exit.success(), "exit status {exit:?}");
+
+    // Nothing was lost: after a restart the run and its every event are there, unchanged.
+    let (mut child, url) = spawn(dir.path(), "40");
+    let client = Client::new(url);
+    let run = client.get_run(&last.event.run_id).await.expect("run");
+    assert_eq!(run.status, RunStatus::Interrupted);
+    assert_eq!(run.last_seq, last.event.seq);
+    let replay = collect(client.follow(&run.id, "").await.expect("replay")).await;
+    assert_eq!(text_of(&replay), text_of(&events));
+    assert_eq!(
+        replay.last().map(|e| e.data.clone()),
+        Some(last.data.clone())
+    );
+    child.kill().expect("stop");
+    child.wait().expect("reaped");
+}
+
+#[tokio::test]
+async fn sluice_chat_streams_a_run_to_the_terminal() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (mut child, url) = spawn(dir.path(), "0");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "chat",
+            "--color",
+            "always",
+            "--url",
+            &url,
+            "hello from the terminal",
+        ])
+        .output()
+        .await
+        .expect("run chat");
+    child.kill().expect("stop");
+    child.wait().expect("reaped");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let answer = sluice_providers::demo::script("hello from the terminal")
+        .1
+        .concat();
+    assert!(text.contains(&answer), "{text}");
+    assert!(
+        text.contains("\x1b[2mThe user wrote"),
+        "reasoning is dimmed: {text}"
+    );
+    assert!(text.contains("done ·"), "{text}");
+}
