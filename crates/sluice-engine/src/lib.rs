@@ -221,8 +221,25 @@ impl Engine {
                     return;
                 };
                 let retention = inner.config.retention;
+                let expired: Vec<Arc<str>> = match inner.runs.lock() {
+                    Ok(runs) => runs
+                        .iter()
+                        .filter(|(_, h)| h.ended.get().is_some_and(|t| t.elapsed() >= retention))
+                        .map(|(id, _)| id.clone())
+                        .collect(),
+                    Err(_) => continue,
+                };
+                if expired.is_empty() {
+                    continue;
+                }
+                // Replay moves to the store only once the store surely has every event of these runs.
+                if inner.store.flush().await.is_err() {
+                    continue;
+                }
                 if let Ok(mut runs) = inner.runs.lock() {
-                    runs.retain(|_, h| h.ended.get().is_none_or(|t| t.elapsed() < retention));
+                    for id in expired {
+                        runs.remove(&id);
+                    }
                 }
             }
         });
@@ -231,6 +248,17 @@ impl Engine {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
+    }
+
+    /// The Prometheus text: the engine's metrics plus the store's queue depth.
+    pub fn render_metrics(&self) -> String {
+        let mut out = self.inner.metrics.render();
+        out.push_str(&format!(
+            "# HELP sluice_store_queue_depth Store operations queued and not yet committed.\n\
+             # TYPE sluice_store_queue_depth gauge\nsluice_store_queue_depth {}\n",
+            self.inner.store.queue_depth()
+        ));
+        out
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -337,6 +365,10 @@ impl Engine {
         }
         if let Ok(mut known) = self.inner.known_threads.lock() {
             known.remove(id);
+        }
+        // The thread's finished runs must not stay reachable from memory once it is gone.
+        if let Ok(mut runs) = self.inner.runs.lock() {
+            runs.retain(|_, r| !(r.thread_id == id && r.owner == owner));
         }
         if self
             .inner

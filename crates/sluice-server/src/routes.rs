@@ -272,7 +272,7 @@ async fn readyz(State(st): St) -> Response {
 async fn metrics(State(st): St) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        st.engine.metrics().render(),
+        st.engine.render_metrics(),
     )
         .into_response()
 }

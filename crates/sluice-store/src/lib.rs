@@ -130,4 +130,6 @@ pub trait Store: Send + Sync + 'static {
     fn read_events(&self, run_id: String, after: u64, limit: u32) -> Reply<Vec<Frame>>;
     /// Resolves once every write submitted before it is committed.
     fn flush(&self) -> Reply<()>;
+    /// Operations queued and not yet applied (a gauge: a growing value means the disk is behind).
+    fn queue_depth(&self) -> usize;
 }

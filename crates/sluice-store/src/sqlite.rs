@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
@@ -111,6 +112,8 @@ enum Op {
 #[derive(Clone)]
 pub struct SqliteStore {
     tx: mpsc::Sender<Op>,
+    /// Operations sent and not yet applied.
+    depth: Arc<AtomicUsize>,
 }
 
 impl SqliteStore {
@@ -129,17 +132,20 @@ impl SqliteStore {
         conn.execute_batch(SCHEMA)?;
         let recovered = recover(&mut conn)?;
         let (tx, rx) = mpsc::channel();
+        let depth = Arc::new(AtomicUsize::new(0));
+        let writer_depth = depth.clone();
         thread::Builder::new()
             .name("sluice-store".into())
-            .spawn(move || writer_loop(conn, rx))
+            .spawn(move || writer_loop(conn, rx, writer_depth))
             .map_err(|source| StoreError::DataDir {
                 path: "writer thread".into(),
                 source,
             })?;
-        Ok((SqliteStore { tx }, recovered))
+        Ok((SqliteStore { tx, depth }, recovered))
     }
 
     fn submit(&self, op: Op) {
+        self.depth.fetch_add(1, Ordering::Relaxed);
         if self.tx.send(op).is_err() {
             tracing::error!("store writer has stopped; a write was dropped");
         }
@@ -150,6 +156,7 @@ impl SqliteStore {
         make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
     ) -> Reply<T> {
         let (tx, rx) = oneshot::channel();
+        self.depth.fetch_add(1, Ordering::Relaxed);
         let sent = self.tx.send(make(tx)).is_ok();
         Box::pin(async move {
             if !sent {
@@ -203,6 +210,9 @@ impl Store for SqliteStore {
     }
     fn flush(&self) -> Reply<()> {
         self.ask(Op::Flush)
+    }
+    fn queue_depth(&self) -> usize {
+        self.depth.load(Ordering::Relaxed)
     }
 }
 
@@ -275,7 +285,7 @@ fn recover(conn: &mut Connection) -> Result<Vec<RecoveredRun>, StoreError> {
     Ok(recovered)
 }
 
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Op>) {
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Op>, depth: Arc<AtomicUsize>) {
     let mut batch = Vec::with_capacity(256);
     while let Ok(first) = rx.recv() {
         batch.push(first);
@@ -285,9 +295,11 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Op>) {
                 Err(_) => break,
             }
         }
+        let n = batch.len();
         if let Err(err) = apply_batch(&mut conn, &mut batch) {
             tracing::error!(error = %err, code = err.code(), "store batch failed");
         }
+        depth.fetch_sub(n, Ordering::Relaxed);
         batch.clear();
     }
     tracing::debug!("store writer stopped");
@@ -341,7 +353,7 @@ fn apply_batch(conn: &mut Connection, batch: &mut Vec<Op>) -> Result<(), StoreEr
             }
             Op::Finish(end) => {
                 // Deltas of this run that are still pending must land before the message's final status.
-                flush_progress(&tx, &mut checkpoints, &mut last_seq)?;
+                flush_progress(&tx, &mut checkpoints, &mut last_seq);
                 log_err(finish_run(&tx, &end), "finish run");
             }
             Op::CreateThread(t, reply) => {
@@ -379,7 +391,7 @@ fn apply_batch(conn: &mut Connection, batch: &mut Vec<Op>) -> Result<(), StoreEr
             }
             // Reads see the progress of deltas queued before them.
             Op::GetThread(owner, id, reply) => {
-                flush_progress(&tx, &mut checkpoints, &mut last_seq)?;
+                flush_progress(&tx, &mut checkpoints, &mut last_seq);
                 let _ = reply.send(get_thread(&tx, &owner, &id));
             }
             Op::ThreadExists(owner, id, reply) => {
@@ -393,7 +405,7 @@ fn apply_batch(conn: &mut Connection, batch: &mut Vec<Op>) -> Result<(), StoreEr
                 let _ = reply.send(list_threads(&tx, &owner, limit));
             }
             Op::GetRun(owner, id, reply) => {
-                flush_progress(&tx, &mut checkpoints, &mut last_seq)?;
+                flush_progress(&tx, &mut checkpoints, &mut last_seq);
                 let _ = reply.send(get_run(&tx, &owner, &id));
             }
             Op::ReadEvents(run_id, after, limit, reply) => {
@@ -401,7 +413,7 @@ fn apply_batch(conn: &mut Connection, batch: &mut Vec<Op>) -> Result<(), StoreEr
             }
         }
     }
-    flush_progress(&tx, &mut checkpoints, &mut last_seq)?;
+    flush_progress(&tx, &mut checkpoints, &mut last_seq);
     tx.commit()?;
     for reply in flushes {
         let _ = reply.send(Ok(()));
@@ -415,22 +427,29 @@ fn log_err<T>(res: Result<T, impl std::fmt::Display>, what: &'static str) {
     }
 }
 
+/// Applies the pending message checkpoints and `last_seq` updates. A failure is logged and does
+/// not abort the batch: the events themselves must still commit.
 fn flush_progress(
     tx: &Transaction<'_>,
     checkpoints: &mut HashMap<Arc<str>, Checkpoint>,
     last_seq: &mut HashMap<Arc<str>, u64>,
-) -> Result<(), StoreError> {
+) {
     for (message_id, cp) in checkpoints.drain() {
-        tx.prepare_cached(
-            "UPDATE messages SET content = content || ?2, reasoning = reasoning || ?3 WHERE id = ?1",
-        )?
-        .execute(params![&*message_id, cp.content, cp.reasoning])?;
+        log_err(
+            tx.prepare_cached(
+                "UPDATE messages SET content = content || ?2, reasoning = reasoning || ?3 WHERE id = ?1",
+            )
+            .and_then(|mut st| st.execute(params![&*message_id, cp.content, cp.reasoning])),
+            "message checkpoint",
+        );
     }
     for (run_id, seq) in last_seq.drain() {
-        tx.prepare_cached("UPDATE runs SET last_seq = MAX(last_seq, ?2) WHERE id = ?1")?
-            .execute(params![&*run_id, seq as i64])?;
+        log_err(
+            tx.prepare_cached("UPDATE runs SET last_seq = MAX(last_seq, ?2) WHERE id = ?1")
+                .and_then(|mut st| st.execute(params![&*run_id, seq as i64])),
+            "run last_seq",
+        );
     }
-    Ok(())
 }
 
 fn create_run(tx: &Transaction<'_>, r: &NewRun) -> rusqlite::Result<()> {
