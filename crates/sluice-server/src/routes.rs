@@ -24,12 +24,12 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/threads", post(create_thread).get(list_threads))
         .route("/v1/threads/{id}", get(get_thread).delete(delete_thread))
-        .route("/v1/threads/{id}/runs", post(thread_run_background))
-        .route("/v1/threads/{id}/runs/stream", post(thread_run_stream))
-        .route("/v1/threads/{id}/runs/wait", post(thread_run_wait))
-        .route("/v1/runs", post(run_background))
-        .route("/v1/runs/stream", post(run_stream))
-        .route("/v1/runs/wait", post(run_wait))
+        .route("/v1/threads/{id}/runs", on_thread(Answer::Background))
+        .route("/v1/threads/{id}/runs/stream", on_thread(Answer::Stream))
+        .route("/v1/threads/{id}/runs/wait", on_thread(Answer::Wait))
+        .route("/v1/runs", on_new_thread(Answer::Background))
+        .route("/v1/runs/stream", on_new_thread(Answer::Stream))
+        .route("/v1/runs/wait", on_new_thread(Answer::Wait))
         .route("/v1/runs/{id}", get(get_run))
         .route("/v1/runs/{id}/events", get(run_events))
         .route("/v1/runs/{id}/cancel", post(cancel_run))
@@ -92,92 +92,60 @@ async fn delete_thread(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn start_stream(
+/// How a run-starting request answers.
+#[derive(Clone, Copy)]
+enum Answer {
+    /// The run's SSE stream.
+    Stream,
+    /// 202 with the run; it goes on in the background.
+    Background,
+    /// The finished assistant message, once the run ended.
+    Wait,
+}
+
+async fn start_run(
     st: Arc<AppState>,
     owner: String,
     thread: Option<String>,
     req: RunRequest,
+    answer: Answer,
 ) -> Result<Response, ApiError> {
     let on_disconnect = req.on_disconnect;
     let run = st.engine.start_run(&owner, thread.as_deref(), req).await?;
-    let sub = st
-        .engine
-        .subscribe(&owner, &run.id, Cursor::new(0), None)
-        .await?;
-    let guard = (on_disconnect == OnDisconnect::Cancel).then(|| DisconnectGuard::new(run));
-    Ok(sse_response(sub, &st, guard))
+    match answer {
+        Answer::Stream => {
+            let sub = st
+                .engine
+                .subscribe(&owner, &run.id, Cursor::new(0), None)
+                .await?;
+            let guard = (on_disconnect == OnDisconnect::Cancel).then(|| DisconnectGuard::new(run));
+            Ok(sse_response(sub, &st, guard))
+        }
+        Answer::Background => {
+            let view = st.engine.get_run(&owner, &run.id).await?;
+            Ok((StatusCode::ACCEPTED, axum::Json(view)).into_response())
+        }
+        Answer::Wait => Ok(axum::Json(st.engine.wait(&run).await?).into_response()),
+    }
 }
 
-async fn start_background(
-    st: Arc<AppState>,
-    owner: String,
-    thread: Option<String>,
-    req: RunRequest,
-) -> Result<Response, ApiError> {
-    let run = st.engine.start_run(&owner, thread.as_deref(), req).await?;
-    let view = st.engine.get_run(&owner, &run.id).await?;
-    Ok((StatusCode::ACCEPTED, axum::Json(view)).into_response())
+fn on_thread(answer: Answer) -> axum::routing::MethodRouter<Arc<AppState>> {
+    post(
+        move |State(st): St,
+              Owner(owner): Owner,
+              Path(id): Path<String>,
+              ApiJson(req): ApiJson<RunRequest>| {
+            start_run(st, owner, Some(id), req, answer)
+        },
+    )
 }
 
-async fn start_wait(
-    st: Arc<AppState>,
-    owner: String,
-    thread: Option<String>,
-    req: RunRequest,
-) -> Result<Response, ApiError> {
-    let run = st.engine.start_run(&owner, thread.as_deref(), req).await?;
-    Ok(axum::Json(st.engine.wait(&run).await?).into_response())
-}
-
-async fn thread_run_stream(
-    State(st): St,
-    Owner(owner): Owner,
-    Path(id): Path<String>,
-    ApiJson(req): ApiJson<RunRequest>,
-) -> Result<Response, ApiError> {
-    start_stream(st, owner, Some(id), req).await
-}
-
-async fn thread_run_background(
-    State(st): St,
-    Owner(owner): Owner,
-    Path(id): Path<String>,
-    ApiJson(req): ApiJson<RunRequest>,
-) -> Result<Response, ApiError> {
-    start_background(st, owner, Some(id), req).await
-}
-
-async fn thread_run_wait(
-    State(st): St,
-    Owner(owner): Owner,
-    Path(id): Path<String>,
-    ApiJson(req): ApiJson<RunRequest>,
-) -> Result<Response, ApiError> {
-    start_wait(st, owner, Some(id), req).await
-}
-
-async fn run_stream(
-    State(st): St,
-    Owner(owner): Owner,
-    ApiJson(req): ApiJson<RunRequest>,
-) -> Result<Response, ApiError> {
-    start_stream(st, owner, None, req).await
-}
-
-async fn run_background(
-    State(st): St,
-    Owner(owner): Owner,
-    ApiJson(req): ApiJson<RunRequest>,
-) -> Result<Response, ApiError> {
-    start_background(st, owner, None, req).await
-}
-
-async fn run_wait(
-    State(st): St,
-    Owner(owner): Owner,
-    ApiJson(req): ApiJson<RunRequest>,
-) -> Result<Response, ApiError> {
-    start_wait(st, owner, None, req).await
+fn on_new_thread(answer: Answer) -> axum::routing::MethodRouter<Arc<AppState>> {
+    post(
+        move |State(st): St, Owner(owner): Owner, ApiJson(req): ApiJson<RunRequest>| {
+            start_run(st, owner, None, req, answer)
+        },
+    )
 }
 
 async fn get_run(
