@@ -4,8 +4,6 @@
 //! the terminal event it reconnects with `Last-Event-ID` (with backoff), so its caller sees every
 //! event exactly once. The integration tests and `sluice chat` both use it.
 
-pub mod sse;
-
 use std::collections::VecDeque;
 use std::time::Duration;
 
@@ -14,7 +12,7 @@ use serde::de::DeserializeOwned;
 use sluice_protocol::WireEvent;
 use sluice_protocol::api::{ErrorBody, RunRequest, RunView, ThreadView};
 
-pub use sse::{SseEvent, SseParser};
+pub use sluice_protocol::sse::{self, SseEvent, SseParser};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

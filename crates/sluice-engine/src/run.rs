@@ -76,8 +76,11 @@ impl RunTask {
         };
         let mut usage = Usage::default();
         let mut ttft: Option<f64> = None;
+        let mut stop_reason: Option<String> = None;
 
-        let ending = self.run_model(&mut out, &mut usage, &mut ttft).await;
+        let ending = self
+            .run_model(&mut out, &mut usage, &mut ttft, &mut stop_reason)
+            .await;
         let ending = match ending {
             // A cancel that races the model's last event still counts as a completion.
             Ending::Stopped => match handle.stop_reason.lock().ok().and_then(|r| r.clone()) {
@@ -93,6 +96,7 @@ impl RunTask {
                     usage,
                     time_to_first_token_ms: ttft,
                     duration_ms,
+                    stop_reason: stop_reason.clone(),
                 });
                 (
                     RunStatus::Completed,
@@ -181,6 +185,7 @@ impl RunTask {
         out: &mut Appender,
         usage: &mut Usage,
         ttft: &mut Option<f64>,
+        stop_reason: &mut Option<String>,
     ) -> Ending {
         let cancel = self.handle.cancel.clone();
         if let Some(prev) = &self.predecessor {
@@ -246,6 +251,10 @@ impl RunTask {
                     name,
                     arguments,
                 },
+                ModelEvent::StopReason(reason) => {
+                    *stop_reason = Some(reason);
+                    continue;
+                }
                 ModelEvent::Usage(u) => {
                     *usage = u;
                     EventBody::Usage { usage: u }

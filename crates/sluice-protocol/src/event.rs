@@ -97,6 +97,9 @@ pub enum EventBody {
         #[serde(default)]
         time_to_first_token_ms: Option<f64>,
         duration_ms: f64,
+        /// Why the model stopped, in the provider's words (`stop`, `length`, `end_turn`, …).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stop_reason: Option<String>,
     },
     RunFailed {
         error: ErrorInfo,
@@ -545,6 +548,7 @@ mod tests {
                 usage: Usage::default(),
                 time_to_first_token_ms: Some(1.5),
                 duration_ms: 10.0,
+                stop_reason: Some("stop".into()),
             },
             EventBody::RunInterrupted {
                 reason: "crash".into(),

@@ -6,7 +6,12 @@
 //!
 //! `demo` is the built-in deterministic model that makes Sluice useful with no provider configured.
 
+pub mod anthropic;
+pub mod decode;
 pub mod demo;
+pub mod ollama;
+pub mod openai_chat;
+pub mod openai_responses;
 
 use std::pin::Pin;
 
@@ -50,6 +55,8 @@ pub enum ModelEvent {
         arguments: String,
     },
     Usage(Usage),
+    /// Why the model stopped, in the provider's words (`stop`, `length`, `tool_calls`, `end_turn`…).
+    StopReason(String),
 }
 
 /// A provider failure, classified for the protocol's stable codes.

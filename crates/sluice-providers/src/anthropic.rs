@@ -1,0 +1,302 @@
+//! Anthropic Messages streaming (`POST /v1/messages`, `stream: true`).
+//!
+//! `message_start` (input usage), then content blocks by `index`: `content_block_start` names the
+//! block (`text`, `thinking`, `tool_use`, `server_tool_use`, `redacted_thinking`),
+//! `content_block_delta` carries `text_delta`, `thinking_delta`, `signature_delta` or
+//! `input_json_delta`, `content_block_stop` closes it; `message_delta` carries the stop reason and
+//! the output usage; `message_stop` ends. `ping` keeps the connection alive; `event: error` (such as
+//! `overloaded_error`) ends the stream with an error.
+
+use std::collections::HashMap;
+
+use sluice_protocol::{ErrorCode, Usage};
+
+use crate::decode::{Decoder, Flow, error_from, parse_json, str_field, u64_at};
+use crate::{ChatMessage, ModelEvent, ProviderError};
+
+#[derive(Debug)]
+enum Block {
+    Text,
+    Thinking,
+    Tool {
+        id: String,
+        name: String,
+        input: String,
+    },
+    Other,
+}
+
+#[derive(Debug, Default)]
+pub struct AnthropicDecoder {
+    blocks: HashMap<u64, Block>,
+    usage: Usage,
+    stop_reason: Option<String>,
+}
+
+impl Decoder for AnthropicDecoder {
+    fn message(
+        &mut self,
+        event: &str,
+        data: &str,
+        out: &mut Vec<ModelEvent>,
+    ) -> Result<Flow, ProviderError> {
+        let v = parse_json("Anthropic", data)?;
+        let kind = v.get("type").and_then(|t| t.as_str()).unwrap_or(event);
+        let index = v.get("index").and_then(|i| i.as_u64()).unwrap_or(0);
+        match kind {
+            "message_start" => {
+                let u = v
+                    .get("message")
+                    .and_then(|m| m.get("usage"))
+                    .cloned()
+                    .unwrap_or_default();
+                self.usage.input_tokens = u64_at(&u, &["input_tokens"])
+                    + u64_at(&u, &["cache_creation_input_tokens"])
+                    + u64_at(&u, &["cache_read_input_tokens"]);
+                self.usage.output_tokens = u64_at(&u, &["output_tokens"]);
+            }
+            "content_block_start" => {
+                let block = v.get("content_block").cloned().unwrap_or_default();
+                let b = match block.get("type").and_then(|t| t.as_str()) {
+                    Some("text") => {
+                        if let Some(t) = str_field(&block, "text") {
+                            out.push(ModelEvent::TextDelta(t.to_string()));
+                        }
+                        Block::Text
+                    }
+                    Some("thinking") => Block::Thinking,
+                    Some("tool_use") | Some("server_tool_use") => Block::Tool {
+                        id: str_field(&block, "id").unwrap_or_default().to_string(),
+                        name: str_field(&block, "name").unwrap_or_default().to_string(),
+                        input: String::new(),
+                    },
+                    _ => Block::Other,
+                };
+                self.blocks.insert(index, b);
+            }
+            "content_block_delta" => {
+                let delta = v.get("delta").cloned().unwrap_or_default();
+                match (
+                    delta.get("type").and_then(|t| t.as_str()),
+                    self.blocks.get_mut(&index),
+                ) {
+                    (Some("text_delta"), _) => {
+                        if let Some(t) = str_field(&delta, "text") {
+                            out.push(ModelEvent::TextDelta(t.to_string()));
+                        }
+                    }
+                    (Some("thinking_delta"), _) => {
+                        if let Some(t) = str_field(&delta, "thinking") {
+                            out.push(ModelEvent::ReasoningDelta(t.to_string()));
+                        }
+                    }
+                    (Some("input_json_delta"), Some(Block::Tool { id, name, input })) => {
+                        if let Some(p) = str_field(&delta, "partial_json") {
+                            input.push_str(p);
+                            out.push(ModelEvent::FunctionCallDelta {
+                                call_id: id.clone(),
+                                name: name.clone(),
+                                delta: p.to_string(),
+                            });
+                        }
+                    }
+                    // signature_delta (kept by the provider for multi-turn thinking), citations…
+                    _ => {}
+                }
+            }
+            "content_block_stop" => match self.blocks.remove(&index) {
+                Some(Block::Text) => out.push(ModelEvent::TextDone),
+                Some(Block::Thinking) => out.push(ModelEvent::ReasoningDone),
+                Some(Block::Tool { id, name, input }) => out.push(ModelEvent::FunctionCallDone {
+                    call_id: id,
+                    name,
+                    arguments: if input.is_empty() { "{}".into() } else { input },
+                }),
+                _ => {}
+            },
+            "message_delta" => {
+                if let Some(r) = v.get("delta").and_then(|d| str_field(d, "stop_reason")) {
+                    self.stop_reason = Some(r.to_string());
+                }
+                if let Some(u) = v.get("usage") {
+                    let output = u64_at(u, &["output_tokens"]);
+                    if output > 0 {
+                        self.usage.output_tokens = output;
+                    }
+                }
+            }
+            "message_stop" => {
+                self.finish(out);
+                return Ok(Flow::Done);
+            }
+            "error" => return Err(error_from("Anthropic", &v)),
+            _ => {}
+        }
+        Ok(Flow::More)
+    }
+
+    fn end(&mut self, out: &mut Vec<ModelEvent>) -> Result<(), ProviderError> {
+        // A stop reason (message_delta) means the message is complete even if the connection
+        // closed before message_stop was dispatched.
+        if self.stop_reason.is_some() {
+            self.finish(out);
+            return Ok(());
+        }
+        Err(ProviderError::new(
+            ErrorCode::UpstreamError,
+            "the Anthropic stream ended before message_stop",
+        ))
+    }
+}
+
+impl AnthropicDecoder {
+    fn finish(&mut self, out: &mut Vec<ModelEvent>) {
+        self.usage.total_tokens = self.usage.input_tokens + self.usage.output_tokens;
+        out.push(ModelEvent::Usage(self.usage));
+        if let Some(r) = self.stop_reason.take() {
+            out.push(ModelEvent::StopReason(r));
+        }
+    }
+}
+
+/// The request body. System messages go in `system`.
+pub fn request_body(model: &str, messages: &[ChatMessage], max_tokens: u32) -> serde_json::Value {
+    let system: Vec<&str> = messages
+        .iter()
+        .filter(|m| m.role == "system")
+        .map(|m| m.content.as_str())
+        .collect();
+    let msgs: Vec<serde_json::Value> = messages
+        .iter()
+        .filter(|m| m.role != "system")
+        .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+        .collect();
+    let mut body = serde_json::json!({
+        "model": model,
+        "max_tokens": max_tokens,
+        "messages": msgs,
+        "stream": true,
+    });
+    if !system.is_empty() {
+        body["system"] = serde_json::Value::String(system.join("\n\n"));
+    }
+    body
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::Framing;
+    use crate::decode::testing::*;
+
+    fn make() -> Box<dyn Decoder> {
+        Box::new(AnthropicDecoder::default())
+    }
+
+    /// Written from the Messages streaming reference: thinking with a signature, text, a tool_use
+    /// block whose input arrives as input_json_delta fragments, ping, an unknown event type, and
+    /// message_delta usage with the stop reason.
+    const STREAM: &str = concat!(
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"model\":\"claude-sonnet-4-5\",\"stop_reason\":null,\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n",
+        "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"thinking\",\"thinking\":\"\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"thinking_delta\",\"thinking\":\"Need the weather.\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"signature_delta\",\"signature\":\"EqQBCgIYAhIM\"}}\n\n",
+        "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+        "event: ping\ndata: {\"type\": \"ping\"}\n\n",
+        "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":1,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"text_delta\",\"text\":\"Let me \"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"text_delta\",\"text\":\"check.\"}}\n\n",
+        "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":1}\n\n",
+        "event: brand_new_event\ndata: {\"type\":\"brand_new_event\",\"x\":1}\n\n",
+        "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":2,\"content_block\":{\"type\":\"tool_use\",\"id\":\"toolu_1\",\"name\":\"get_weather\",\"input\":{}}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":2,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":2,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{\\\"location\\\": \\\"San Fra\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":2,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"ncisco, CA\\\"}\"}}\n\n",
+        "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":2}\n\n",
+        "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":89}}\n\n",
+        "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+    );
+
+    #[test]
+    fn thinking_text_tool_use_and_usage_at_every_split() {
+        let (events, res) = decode_every_split(Framing::Sse, &make, STREAM.as_bytes());
+        res.expect("ok");
+        let (text, reasoning, calls) = summarize(&events);
+        assert_eq!(reasoning, "Need the weather.");
+        assert_eq!(text, "Let me check.");
+        assert_eq!(
+            calls,
+            vec![(
+                "toolu_1".into(),
+                "get_weather".into(),
+                "{\"location\": \"San Francisco, CA\"}".into()
+            )]
+        );
+        assert_fragments_match(&events);
+        assert!(events.contains(&ModelEvent::Usage(Usage {
+            input_tokens: 25,
+            output_tokens: 89,
+            reasoning_tokens: 0,
+            total_tokens: 114
+        })));
+        assert_eq!(
+            events.last(),
+            Some(&ModelEvent::StopReason("tool_use".into()))
+        );
+    }
+
+    #[test]
+    fn overloaded_error_event_ends_with_a_retryable_error() {
+        let s = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":3}}}\n\n",
+            "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Par\"}}\n\n",
+            "event: error\ndata: {\"type\": \"error\", \"error\": {\"type\": \"overloaded_error\", \"message\": \"Overloaded\"}}\n\n",
+        );
+        let (events, res) = decode_every_split(Framing::Sse, &make, s.as_bytes());
+        assert_eq!(summarize(&events).0, "Par");
+        let e = res.expect_err("error");
+        assert_eq!(e.code, ErrorCode::UpstreamError);
+        assert!(
+            e.code.retryable() && e.message.contains("overloaded_error"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn conformance_fixtures() {
+        let Some(files) = fixtures("anthropic") else {
+            eprintln!("skipped: shared/conformance not found beside the checkout (see its README)");
+            return;
+        };
+        for (name, bytes) in files {
+            let (events, res) = decode_every_split(Framing::Sse, &make, &bytes);
+            assert_fragments_match(&events);
+            let (text, reasoning, calls) = summarize(&events);
+            if name.starts_with("error") {
+                assert!(res.is_err(), "{name}");
+                continue;
+            }
+            res.unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(
+                events
+                    .iter()
+                    .any(|e| matches!(e, ModelEvent::Usage(u) if u.output_tokens > 0)),
+                "{name}"
+            );
+            if name.contains("tool-use") {
+                assert!(!calls.is_empty(), "{name}");
+                for (_, _, args) in &calls {
+                    serde_json::from_str::<serde_json::Value>(args)
+                        .unwrap_or_else(|e| panic!("{name}: {e}: {args}"));
+                }
+            } else {
+                assert!(!text.is_empty(), "{name}");
+            }
+            if name.starts_with("thinking") {
+                assert!(!reasoning.is_empty(), "{name}");
+            }
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! Ollama's native chat API (`POST /api/chat`), streamed as NDJSON: one JSON object per line with
+//! `message.content`, `message.thinking` and whole `message.tool_calls`, then a last line with
+//! `done: true`, `done_reason` and the token counts (`prompt_eval_count`, `eval_count`). A line
+//! `{"error": "…"}` is an error. `/api/generate`'s `response` field is read as text too.
+
+use sluice_protocol::{ErrorCode, Usage};
+
+use crate::decode::{Decoder, Flow, parse_json, str_field, u64_at};
+use crate::{ChatMessage, ModelEvent, ProviderError};
+
+#[derive(Debug, Default)]
+pub struct OllamaDecoder {
+    reasoning_open: bool,
+    text_open: bool,
+    calls: u32,
+}
+
+impl Decoder for OllamaDecoder {
+    fn message(
+        &mut self,
+        _event: &str,
+        data: &str,
+        out: &mut Vec<ModelEvent>,
+    ) -> Result<Flow, ProviderError> {
+        let v = parse_json("Ollama", data)?;
+        if let Some(err) = v.get("error") {
+            let msg = err
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| err.to_string());
+            return Err(ProviderError::new(
+                ErrorCode::UpstreamError,
+                format!("Ollama: {msg}"),
+            ));
+        }
+        let message = v.get("message").cloned().unwrap_or_default();
+        if let Some(t) = str_field(&message, "thinking").or_else(|| str_field(&v, "thinking")) {
+            self.reasoning_open = true;
+            out.push(ModelEvent::ReasoningDelta(t.to_string()));
+        }
+        if let Some(t) = str_field(&message, "content").or_else(|| str_field(&v, "response")) {
+            if self.reasoning_open {
+                self.reasoning_open = false;
+                out.push(ModelEvent::ReasoningDone);
+            }
+            self.text_open = true;
+            out.push(ModelEvent::TextDelta(t.to_string()));
+        }
+        if let Some(calls) = message.get("tool_calls").and_then(|c| c.as_array()) {
+            for call in calls {
+                let function = call.get("function").cloned().unwrap_or_default();
+                let call_id = str_field(call, "id")
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("call_{}", self.calls));
+                self.calls += 1;
+                let name = str_field(&function, "name").unwrap_or_default().to_string();
+                let arguments = match function.get("arguments") {
+                    Some(serde_json::Value::String(s)) => s.clone(),
+                    Some(a) => a.to_string(),
+                    None => "{}".to_string(),
+                };
+                // Ollama sends a call whole: one fragment, then done.
+                out.push(ModelEvent::FunctionCallDelta {
+                    call_id: call_id.clone(),
+                    name: name.clone(),
+                    delta: arguments.clone(),
+                });
+                out.push(ModelEvent::FunctionCallDone {
+                    call_id,
+                    name,
+                    arguments,
+                });
+            }
+        }
+        if v.get("done").and_then(|d| d.as_bool()) == Some(true) {
+            if self.reasoning_open {
+                out.push(ModelEvent::ReasoningDone);
+            }
+            if self.text_open {
+                out.push(ModelEvent::TextDone);
+            }
+            let input = u64_at(&v, &["prompt_eval_count"]);
+            let output = u64_at(&v, &["eval_count"]);
+            out.push(ModelEvent::Usage(Usage {
+                input_tokens: input,
+                output_tokens: output,
+                reasoning_tokens: 0,
+                total_tokens: input + output,
+            }));
+            if let Some(r) = str_field(&v, "done_reason") {
+                out.push(ModelEvent::StopReason(r.to_string()));
+            }
+            return Ok(Flow::Done);
+        }
+        Ok(Flow::More)
+    }
+
+    fn end(&mut self, _out: &mut Vec<ModelEvent>) -> Result<(), ProviderError> {
+        Err(ProviderError::new(
+            ErrorCode::UpstreamError,
+            "the Ollama stream ended before its done line",
+        ))
+    }
+}
+
+pub fn request_body(model: &str, messages: &[ChatMessage]) -> serde_json::Value {
+    let messages: Vec<serde_json::Value> = messages
+        .iter()
+        .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+        .collect();
+    serde_json::json!({"model": model, "messages": messages, "stream": true})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::Framing;
+    use crate::decode::testing::*;
+
+    fn make() -> Box<dyn Decoder> {
+        Box::new(OllamaDecoder::default())
+    }
+
+    /// Written from Ollama's API reference (docs/api.md, chat with thinking and tools).
+    const STREAM: &str = concat!(
+        "{\"model\":\"qwen3\",\"created_at\":\"2025-05-01T00:00:00Z\",\"message\":{\"role\":\"assistant\",\"content\":\"\",\"thinking\":\"User wants \"},\"done\":false}\n",
+        "{\"model\":\"qwen3\",\"created_at\":\"2025-05-01T00:00:00Z\",\"message\":{\"role\":\"assistant\",\"content\":\"\",\"thinking\":\"weather.\"},\"done\":false}\n",
+        "{\"model\":\"qwen3\",\"created_at\":\"2025-05-01T00:00:00Z\",\"message\":{\"role\":\"assistant\",\"content\":\"Checking.\"},\"done\":false,\"unknown_field\":[1]}\n",
+        "{\"model\":\"qwen3\",\"created_at\":\"2025-05-01T00:00:00Z\",\"message\":{\"role\":\"assistant\",\"content\":\"\",\"tool_calls\":[{\"function\":{\"name\":\"get_weather\",\"arguments\":{\"city\":\"Tokyo\"}}},{\"function\":{\"name\":\"get_time\",\"arguments\":{\"tz\":\"JST\"}}}]},\"done\":false}\n",
+        "{\"model\":\"qwen3\",\"created_at\":\"2025-05-01T00:00:00Z\",\"message\":{\"role\":\"assistant\",\"content\":\"\"},\"done_reason\":\"stop\",\"done\":true,\"total_duration\":1,\"prompt_eval_count\":26,\"eval_count\":18}\n",
+    );
+
+    #[test]
+    fn thinking_text_parallel_tool_calls_and_counts_at_every_split() {
+        let (events, res) = decode_every_split(Framing::Ndjson, &make, STREAM.as_bytes());
+        res.expect("ok");
+        let (text, reasoning, calls) = summarize(&events);
+        assert_eq!(
+            (text.as_str(), reasoning.as_str()),
+            ("Checking.", "User wants weather.")
+        );
+        assert_eq!(
+            calls,
+            vec![
+                (
+                    "call_0".into(),
+                    "get_weather".into(),
+                    "{\"city\":\"Tokyo\"}".into()
+                ),
+                (
+                    "call_1".into(),
+                    "get_time".into(),
+                    "{\"tz\":\"JST\"}".into()
+                ),
+            ]
+        );
+        assert!(events.contains(&ModelEvent::Usage(Usage {
+            input_tokens: 26,
+            output_tokens: 18,
+            reasoning_tokens: 0,
+            total_tokens: 44
+        })));
+    }
+
+    #[test]
+    fn an_error_line_mid_stream_is_an_error_and_a_missing_done_line_too() {
+        let s = "{\"message\":{\"content\":\"Yes\"},\"done\":false}\n{\"error\":\"an error was encountered while running the model\"}\n";
+        let (events, res) = decode_every_split(Framing::Ndjson, &make, s.as_bytes());
+        assert_eq!(summarize(&events).0, "Yes");
+        assert!(
+            res.expect_err("error")
+                .message
+                .contains("an error was encountered")
+        );
+        let cut = "{\"message\":{\"content\":\"Yes\"},\"done\":false}\n";
+        let (_, res) = decode_every_split(Framing::Ndjson, &make, cut.as_bytes());
+        assert!(res.expect_err("cut").message.contains("ended before"));
+    }
+
+    #[test]
+    fn conformance_fixtures() {
+        let Some(files) = fixtures("ollama") else {
+            eprintln!("skipped: shared/conformance not found beside the checkout (see its README)");
+            return;
+        };
+        for (name, bytes) in files {
+            let (events, res) = decode_every_split(Framing::Ndjson, &make, &bytes);
+            let (text, _, calls) = summarize(&events);
+            if name.contains("error") {
+                assert!(res.is_err(), "{name}");
+                assert!(!text.is_empty(), "{name}: text before the error is kept");
+                continue;
+            }
+            res.unwrap_or_else(|e| panic!("{name}: {e}"));
+            if name.contains("tool-calls") {
+                assert!(!calls.is_empty(), "{name}");
+            } else {
+                assert!(!text.is_empty(), "{name}");
+            }
+        }
+    }
+}

@@ -1,0 +1,346 @@
+//! OpenAI Responses API streaming (`POST /v1/responses`, `stream: true`).
+//!
+//! Typed SSE events: `response.output_text.delta`, `response.reasoning_summary_text.delta` (and
+//! `response.reasoning_text.delta`), `response.output_item.added` announcing a `function_call` item
+//! (its `call_id` and `name`), `response.function_call_arguments.delta`/`.done` keyed by `item_id`,
+//! then `response.completed` (or `.incomplete`) carrying usage, or `response.failed` / `error`.
+//! Everything else (`response.created`, `content_part`, …) is ignored.
+
+use std::collections::HashMap;
+
+use sluice_protocol::{ErrorCode, Usage};
+
+use crate::decode::{Decoder, Flow, classify, parse_json, str_field, u64_at};
+use crate::{ChatMessage, ModelEvent, ProviderError};
+
+#[derive(Debug)]
+struct Call {
+    call_id: String,
+    name: String,
+    arguments: String,
+    done: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct ResponsesDecoder {
+    /// Function calls by output item id.
+    calls: HashMap<String, Call>,
+    /// Reasoning summary parts seen in the current reasoning item (parts are separated by a blank line).
+    summary_parts: u32,
+    reasoning_open: bool,
+}
+
+impl ResponsesDecoder {
+    fn close_reasoning(&mut self, out: &mut Vec<ModelEvent>) {
+        if self.reasoning_open {
+            self.reasoning_open = false;
+            out.push(ModelEvent::ReasoningDone);
+        }
+    }
+
+    fn finish_call(&mut self, item_id: &str, arguments: Option<&str>, out: &mut Vec<ModelEvent>) {
+        if let Some(call) = self.calls.get_mut(item_id)
+            && !call.done
+        {
+            call.done = true;
+            if let Some(a) = arguments {
+                call.arguments = a.to_string();
+            }
+            out.push(ModelEvent::FunctionCallDone {
+                call_id: call.call_id.clone(),
+                name: call.name.clone(),
+                arguments: call.arguments.clone(),
+            });
+        }
+    }
+}
+
+fn usage_of(response: &serde_json::Value) -> Option<Usage> {
+    let u = response.get("usage").filter(|u| u.is_object())?;
+    Some(Usage {
+        input_tokens: u64_at(u, &["input_tokens"]),
+        output_tokens: u64_at(u, &["output_tokens"]),
+        reasoning_tokens: u64_at(u, &["output_tokens_details", "reasoning_tokens"]),
+        total_tokens: u64_at(u, &["total_tokens"]),
+    })
+}
+
+impl Decoder for ResponsesDecoder {
+    fn message(
+        &mut self,
+        event: &str,
+        data: &str,
+        out: &mut Vec<ModelEvent>,
+    ) -> Result<Flow, ProviderError> {
+        let v = parse_json("OpenAI", data)?;
+        let kind = v.get("type").and_then(|t| t.as_str()).unwrap_or(event);
+        match kind {
+            "response.output_text.delta" => {
+                self.close_reasoning(out);
+                if let Some(d) = str_field(&v, "delta") {
+                    out.push(ModelEvent::TextDelta(d.to_string()));
+                }
+            }
+            "response.output_text.done" => out.push(ModelEvent::TextDone),
+            "response.reasoning_summary_part.added" => {
+                if self.summary_parts > 0 {
+                    out.push(ModelEvent::ReasoningDelta("\n\n".into()));
+                }
+                self.summary_parts += 1;
+            }
+            "response.reasoning_summary_text.delta" | "response.reasoning_text.delta" => {
+                if let Some(d) = str_field(&v, "delta") {
+                    self.reasoning_open = true;
+                    out.push(ModelEvent::ReasoningDelta(d.to_string()));
+                }
+            }
+            "response.output_item.added" => {
+                let item = v.get("item").cloned().unwrap_or_default();
+                match item.get("type").and_then(|t| t.as_str()) {
+                    Some("function_call") => {
+                        let id = str_field(&item, "id").unwrap_or_default().to_string();
+                        let call_id = str_field(&item, "call_id").unwrap_or(&id).to_string();
+                        self.calls.insert(
+                            id,
+                            Call {
+                                call_id,
+                                name: str_field(&item, "name").unwrap_or_default().to_string(),
+                                arguments: String::new(),
+                                done: false,
+                            },
+                        );
+                    }
+                    Some("reasoning") => self.summary_parts = 0,
+                    _ => {}
+                }
+            }
+            "response.function_call_arguments.delta" => {
+                let item_id = str_field(&v, "item_id").unwrap_or_default();
+                if let (Some(call), Some(d)) = (self.calls.get_mut(item_id), str_field(&v, "delta"))
+                {
+                    call.arguments.push_str(d);
+                    out.push(ModelEvent::FunctionCallDelta {
+                        call_id: call.call_id.clone(),
+                        name: call.name.clone(),
+                        delta: d.to_string(),
+                    });
+                }
+            }
+            "response.function_call_arguments.done" => {
+                let item_id = str_field(&v, "item_id").unwrap_or_default().to_string();
+                let args = v.get("arguments").and_then(|a| a.as_str());
+                self.finish_call(&item_id, args, out);
+            }
+            "response.output_item.done" => {
+                let item = v.get("item").cloned().unwrap_or_default();
+                match item.get("type").and_then(|t| t.as_str()) {
+                    Some("reasoning") => self.close_reasoning(out),
+                    Some("function_call") => {
+                        let id = str_field(&item, "id").unwrap_or_default().to_string();
+                        let args = item.get("arguments").and_then(|a| a.as_str());
+                        self.finish_call(&id, args, out);
+                    }
+                    _ => {}
+                }
+            }
+            "response.completed" | "response.incomplete" => {
+                self.close_reasoning(out);
+                let response = v.get("response").cloned().unwrap_or_default();
+                if let Some(u) = usage_of(&response) {
+                    out.push(ModelEvent::Usage(u));
+                }
+                let reason = if kind == "response.incomplete" {
+                    response
+                        .get("incomplete_details")
+                        .and_then(|d| str_field(d, "reason"))
+                        .unwrap_or("incomplete")
+                        .to_string()
+                } else {
+                    "completed".to_string()
+                };
+                out.push(ModelEvent::StopReason(reason));
+                return Ok(Flow::Done);
+            }
+            "response.failed" => {
+                let err = v
+                    .get("response")
+                    .and_then(|r| r.get("error"))
+                    .cloned()
+                    .unwrap_or_default();
+                let code = str_field(&err, "code").unwrap_or("failed");
+                let message = str_field(&err, "message").unwrap_or("the response failed");
+                return Err(ProviderError::new(
+                    classify(code),
+                    format!("OpenAI {code}: {message}"),
+                ));
+            }
+            "error" => {
+                let code = str_field(&v, "code")
+                    .or_else(|| str_field(&v, "type"))
+                    .unwrap_or("error");
+                let message = str_field(&v, "message").unwrap_or("no message");
+                return Err(ProviderError::new(
+                    classify(code),
+                    format!("OpenAI {code}: {message}"),
+                ));
+            }
+            _ => {}
+        }
+        Ok(Flow::More)
+    }
+
+    fn end(&mut self, _out: &mut Vec<ModelEvent>) -> Result<(), ProviderError> {
+        Err(ProviderError::new(
+            ErrorCode::UpstreamError,
+            "the OpenAI stream ended before response.completed",
+        ))
+    }
+}
+
+/// The request body. System messages become `instructions`.
+pub fn request_body(model: &str, messages: &[ChatMessage]) -> serde_json::Value {
+    let instructions: Vec<&str> = messages
+        .iter()
+        .filter(|m| m.role == "system")
+        .map(|m| m.content.as_str())
+        .collect();
+    let input: Vec<serde_json::Value> = messages
+        .iter()
+        .filter(|m| m.role != "system")
+        .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+        .collect();
+    let mut body = serde_json::json!({"model": model, "input": input, "stream": true});
+    if !instructions.is_empty() {
+        body["instructions"] = serde_json::Value::String(instructions.join("\n\n"));
+    }
+    body
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::Framing;
+    use crate::decode::testing::*;
+
+    fn make() -> Box<dyn Decoder> {
+        Box::new(ResponsesDecoder::default())
+    }
+
+    /// Written from the Responses streaming reference: a reasoning item with two summary parts,
+    /// a message, two parallel function calls with argument deltas, an unknown event type, and
+    /// `response.completed` with usage including reasoning tokens.
+    const STREAM: &str = concat!(
+        "event: response.created\ndata: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_1\",\"status\":\"in_progress\",\"output\":[]}}\n\n",
+        "event: response.output_item.added\ndata: {\"type\":\"response.output_item.added\",\"output_index\":0,\"item\":{\"id\":\"rs_1\",\"type\":\"reasoning\",\"summary\":[]}}\n\n",
+        "event: response.reasoning_summary_part.added\ndata: {\"type\":\"response.reasoning_summary_part.added\",\"item_id\":\"rs_1\",\"summary_index\":0}\n\n",
+        "event: response.reasoning_summary_text.delta\ndata: {\"type\":\"response.reasoning_summary_text.delta\",\"item_id\":\"rs_1\",\"delta\":\"**Plan** \"}\n\n",
+        "event: response.reasoning_summary_part.added\ndata: {\"type\":\"response.reasoning_summary_part.added\",\"item_id\":\"rs_1\",\"summary_index\":1}\n\n",
+        "event: response.reasoning_summary_text.delta\ndata: {\"type\":\"response.reasoning_summary_text.delta\",\"item_id\":\"rs_1\",\"delta\":\"look up both\"}\n\n",
+        "event: response.output_item.done\ndata: {\"type\":\"response.output_item.done\",\"item\":{\"id\":\"rs_1\",\"type\":\"reasoning\"}}\n\n",
+        "event: response.something_new\ndata: {\"type\":\"response.something_new\",\"x\":1}\n\n",
+        "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"item_id\":\"msg_1\",\"delta\":\"Looking \"}\n\n",
+        "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"item_id\":\"msg_1\",\"delta\":\"them up.\"}\n\n",
+        "event: response.output_text.done\ndata: {\"type\":\"response.output_text.done\",\"item_id\":\"msg_1\",\"text\":\"Looking them up.\"}\n\n",
+        "event: response.output_item.added\ndata: {\"type\":\"response.output_item.added\",\"item\":{\"id\":\"fc_1\",\"type\":\"function_call\",\"call_id\":\"call_1\",\"name\":\"get_capital\",\"arguments\":\"\"}}\n\n",
+        "event: response.output_item.added\ndata: {\"type\":\"response.output_item.added\",\"item\":{\"id\":\"fc_2\",\"type\":\"function_call\",\"call_id\":\"call_2\",\"name\":\"get_capital\",\"arguments\":\"\"}}\n\n",
+        "event: response.function_call_arguments.delta\ndata: {\"type\":\"response.function_call_arguments.delta\",\"item_id\":\"fc_1\",\"delta\":\"{\\\"country\\\":\"}\n\n",
+        "event: response.function_call_arguments.delta\ndata: {\"type\":\"response.function_call_arguments.delta\",\"item_id\":\"fc_2\",\"delta\":\"{\\\"country\\\":\\\"Peru\\\"}\"}\n\n",
+        "event: response.function_call_arguments.delta\ndata: {\"type\":\"response.function_call_arguments.delta\",\"item_id\":\"fc_1\",\"delta\":\"\\\"Chile\\\"}\"}\n\n",
+        "event: response.function_call_arguments.done\ndata: {\"type\":\"response.function_call_arguments.done\",\"item_id\":\"fc_1\",\"arguments\":\"{\\\"country\\\":\\\"Chile\\\"}\"}\n\n",
+        "event: response.function_call_arguments.done\ndata: {\"type\":\"response.function_call_arguments.done\",\"item_id\":\"fc_2\",\"arguments\":\"{\\\"country\\\":\\\"Peru\\\"}\"}\n\n",
+        "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_1\",\"status\":\"completed\",\"usage\":{\"input_tokens\":12,\"output_tokens\":40,\"output_tokens_details\":{\"reasoning_tokens\":16},\"total_tokens\":52}}}\n\n",
+    );
+
+    #[test]
+    fn reasoning_text_parallel_calls_and_usage_at_every_split() {
+        let (events, res) = decode_every_split(Framing::Sse, &make, STREAM.as_bytes());
+        res.expect("ok");
+        let (text, reasoning, calls) = summarize(&events);
+        assert_eq!(reasoning, "**Plan** \n\nlook up both");
+        assert_eq!(text, "Looking them up.");
+        assert_eq!(
+            calls,
+            vec![
+                (
+                    "call_1".into(),
+                    "get_capital".into(),
+                    "{\"country\":\"Chile\"}".into()
+                ),
+                (
+                    "call_2".into(),
+                    "get_capital".into(),
+                    "{\"country\":\"Peru\"}".into()
+                ),
+            ]
+        );
+        assert_fragments_match(&events);
+        let reasoning_done = events
+            .iter()
+            .position(|e| *e == ModelEvent::ReasoningDone)
+            .expect("done");
+        let first_text = events
+            .iter()
+            .position(|e| matches!(e, ModelEvent::TextDelta(_)))
+            .expect("text");
+        assert!(reasoning_done < first_text);
+        assert!(events.contains(&ModelEvent::Usage(Usage {
+            input_tokens: 12,
+            output_tokens: 40,
+            reasoning_tokens: 16,
+            total_tokens: 52
+        })));
+    }
+
+    #[test]
+    fn failed_incomplete_and_error_events() {
+        let failed = "event: response.failed\ndata: {\"type\":\"response.failed\",\"response\":{\"status\":\"failed\",\"error\":{\"code\":\"rate_limit_exceeded\",\"message\":\"Slow down\"}}}\n\n";
+        let (_, res) = decode_every_split(Framing::Sse, &make, failed.as_bytes());
+        let e = res.expect_err("failed");
+        assert_eq!(e.code, ErrorCode::RateLimited);
+        assert!(e.message.contains("Slow down"));
+
+        let incomplete = "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Half\"}\n\nevent: response.incomplete\ndata: {\"type\":\"response.incomplete\",\"response\":{\"incomplete_details\":{\"reason\":\"max_output_tokens\"},\"usage\":{\"input_tokens\":1,\"output_tokens\":2,\"total_tokens\":3}}}\n\n";
+        let (events, res) = decode_every_split(Framing::Sse, &make, incomplete.as_bytes());
+        res.expect("incomplete is an ending, not a failure");
+        assert_eq!(
+            events.last(),
+            Some(&ModelEvent::StopReason("max_output_tokens".into()))
+        );
+
+        let error = "event: error\ndata: {\"type\":\"error\",\"code\":\"server_error\",\"message\":\"boom\",\"param\":null}\n\n";
+        let (_, res) = decode_every_split(Framing::Sse, &make, error.as_bytes());
+        assert_eq!(res.expect_err("error").code, ErrorCode::UpstreamError);
+    }
+
+    #[test]
+    fn conformance_fixtures() {
+        let Some(files) = fixtures("openai-responses") else {
+            eprintln!("skipped: shared/conformance not found beside the checkout (see its README)");
+            return;
+        };
+        for (name, bytes) in files {
+            let (events, res) = decode_every_split(Framing::Sse, &make, &bytes);
+            assert_fragments_match(&events);
+            let (text, reasoning, calls) = summarize(&events);
+            if name.starts_with("error") {
+                assert!(res.is_err(), "{name}");
+                continue;
+            }
+            res.unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(
+                events
+                    .iter()
+                    .any(|e| matches!(e, ModelEvent::Usage(u) if u.total_tokens > 0)),
+                "{name}"
+            );
+            if name.contains("function-call") {
+                assert!(!calls.is_empty(), "{name}");
+            } else {
+                assert!(!text.is_empty(), "{name}");
+            }
+            if name.starts_with("reasoning-summary") {
+                assert!(!reasoning.is_empty(), "{name}");
+            }
+        }
+    }
+}
