@@ -20,7 +20,7 @@ use sluice_protocol::api::{
     MessageView, OnBusy, RunRequest, RunStatus, RunView, ThreadView, WaitResponse,
 };
 use sluice_protocol::{Cursor, ErrorCode, Usage};
-use sluice_providers::Model;
+use sluice_providers::registry::{ModelCatalog, ModelInfo};
 use sluice_store::{NewRun, NewThread, Store, StoreError};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -166,7 +166,7 @@ impl RunHandle {
 
 pub(crate) struct Inner {
     store: Arc<dyn Store>,
-    models: HashMap<String, Arc<dyn Model>>,
+    models: Arc<dyn ModelCatalog>,
     config: EngineConfig,
     /// Runs in memory by id.
     runs: Mutex<HashMap<Arc<str>, Arc<RunHandle>>>,
@@ -189,10 +189,10 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Builds an engine over `store` with the given models (by name) and starts its eviction sweep.
+    /// Builds an engine over `store` with the models of `models` and starts its eviction sweep.
     pub fn new(
         store: Arc<dyn Store>,
-        models: HashMap<String, Arc<dyn Model>>,
+        models: Arc<dyn ModelCatalog>,
         config: EngineConfig,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -269,11 +269,9 @@ impl Engine {
         &self.inner.config
     }
 
-    /// The names of the models runs may ask for.
-    pub fn model_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.inner.models.keys().cloned().collect();
-        names.sort();
-        names
+    /// What runs may ask for.
+    pub fn models(&self) -> Vec<ModelInfo> {
+        self.inner.models.list()
     }
 
     pub async fn create_thread(
@@ -409,12 +407,11 @@ impl Engine {
             .model
             .clone()
             .unwrap_or_else(|| self.inner.config.default_model.clone());
-        let model = self.inner.models.get(&model_name).cloned().ok_or_else(|| {
-            EngineError::InvalidRequest(format!(
-                "unknown model {model_name:?}; available: {}",
-                self.model_names().join(", ")
-            ))
-        })?;
+        let resolved = self
+            .inner
+            .models
+            .resolve(&model_name)
+            .map_err(EngineError::InvalidRequest)?;
         let accepted = Instant::now();
         let slot = self.take_run_slot(owner)?;
         let (thread_id, new_thread) = match thread_id {
@@ -505,7 +502,8 @@ impl Engine {
             handle: handle.clone(),
             predecessor,
             new_thread,
-            model,
+            model: resolved.model,
+            upstream_model: resolved.upstream,
             model_name,
             content: request.content,
             accepted,

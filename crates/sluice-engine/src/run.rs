@@ -25,7 +25,10 @@ pub(crate) struct RunTask {
     /// Whether the thread was created for this run (no history to read).
     pub new_thread: bool,
     pub model: Arc<dyn Model>,
+    /// The model as the run named it (`openai/gpt-5`, an alias, `demo`).
     pub model_name: String,
+    /// The model name sent to the provider (`gpt-5`).
+    pub upstream_model: String,
     pub content: String,
     /// When the run was accepted: the zero of time to first token.
     pub accepted: Instant,
@@ -208,7 +211,7 @@ impl RunTask {
             Err(error) => return Ending::Failed(error),
         };
         let mut stream = self.model.stream(ModelRequest {
-            model: self.model_name.clone(),
+            model: self.upstream_model.clone(),
             messages,
         });
         loop {

@@ -9,9 +9,11 @@
 pub mod anthropic;
 pub mod decode;
 pub mod demo;
+pub mod http;
 pub mod ollama;
 pub mod openai_chat;
 pub mod openai_responses;
+pub mod registry;
 
 use std::pin::Pin;
 

@@ -214,11 +214,11 @@ async fn list_models(State(st): St, Owner(_): Owner) -> Response {
     let default = st.engine.config().default_model.clone();
     let models: Vec<serde_json::Value> = st
         .engine
-        .model_names()
+        .models()
         .into_iter()
-        .map(|name| serde_json::json!({ "id": name, "default": name == default }))
+        .map(|m| serde_json::json!({ "id": m.id, "kind": m.kind, "default": m.id == default }))
         .collect();
-    axum::Json(serde_json::json!({ "models": models })).into_response()
+    axum::Json(serde_json::json!({ "models": models, "default": default })).into_response()
 }
 
 async fn healthz() -> Response {

@@ -6,9 +6,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use anyhow::{Context, bail};
 use serde::Deserialize;
 use sluice_engine::{Coalesce, EngineConfig};
+use sluice_providers::http::{ProviderSpec, WireKind};
+use sluice_providers::registry::Alias;
 use sluice_server::{ApiKeys, HttpConfig};
 
 /// `sluice serve` flags; each also reads its `SLUICE_*` variable.
@@ -57,6 +61,39 @@ pub struct FileConfig {
     pub coalesce: CoalesceSection,
     #[serde(default)]
     pub api_keys: Vec<KeyEntry>,
+    /// Named providers: `[providers.myvllm]`.
+    #[serde(default)]
+    pub providers: BTreeMap<String, ProviderSection>,
+    /// Aliases and fallback lists: `[models.fast]`, or `[models."openai/gpt-5"]` for fallbacks alone.
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderSection {
+    /// `openai-responses`, `openai-chat`, `anthropic` or `ollama`.
+    pub kind: String,
+    pub base_url: Option<String>,
+    pub api_key: Option<String>,
+    /// Read the key from this environment variable instead of the file.
+    pub api_key_env: Option<String>,
+    pub max_retries: Option<u32>,
+    pub connect_timeout_ms: Option<u64>,
+    pub first_token_timeout_ms: Option<u64>,
+    pub idle_timeout_ms: Option<u64>,
+    /// Anthropic's required `max_tokens`.
+    pub max_tokens: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// The model this name stands for (`provider/model`); the name itself when absent.
+    pub target: Option<String>,
+    /// Tried in order when the target fails before its first token.
+    #[serde(default)]
+    pub fallbacks: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -89,6 +126,9 @@ pub struct Config {
     pub keys: ApiKeys,
     pub engine: EngineConfig,
     pub http: HttpConfig,
+    /// Upstream providers (besides the demo model).
+    pub providers: Vec<ProviderSpec>,
+    pub aliases: Vec<(String, Alias)>,
 }
 
 pub fn load(args: &ServeArgs) -> anyhow::Result<Config> {
@@ -167,6 +207,27 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Config> {
              or listen on 127.0.0.1"
         );
     }
+    let mut providers: BTreeMap<String, ProviderSpec> = env_providers(&|k| std::env::var(k).ok())
+        .into_iter()
+        .map(|p| (p.name.clone(), p))
+        .collect();
+    for (name, section) in file.providers {
+        providers.insert(name.clone(), provider_from_file(&name, section)?);
+    }
+    let aliases = file
+        .models
+        .into_iter()
+        .map(|(name, m)| {
+            let target = m.target.unwrap_or_else(|| name.clone());
+            (
+                name,
+                Alias {
+                    target,
+                    fallbacks: m.fallbacks,
+                },
+            )
+        })
+        .collect();
     Ok(Config {
         listen,
         data_dir,
@@ -174,7 +235,84 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Config> {
         keys,
         engine,
         http,
+        providers: providers.into_values().collect(),
+        aliases,
     })
+}
+
+/// Providers from the variables users already set: `OPENAI_API_KEY`/`OPENAI_BASE_URL` give
+/// `openai` (Responses API) and `openai-chat` (Chat Completions), `ANTHROPIC_API_KEY`/
+/// `ANTHROPIC_BASE_URL` give `anthropic`, `OLLAMA_HOST` gives `ollama`.
+pub fn env_providers(get: &dyn Fn(&str) -> Option<String>) -> Vec<ProviderSpec> {
+    let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
+    let mut out = Vec::new();
+    let (openai_key, openai_base) = (get("OPENAI_API_KEY"), get("OPENAI_BASE_URL"));
+    if openai_key.is_some() || openai_base.is_some() {
+        let base = openai_base.unwrap_or_else(|| "https://api.openai.com/v1".into());
+        for (name, kind) in [
+            ("openai", WireKind::OpenAiResponses),
+            ("openai-chat", WireKind::OpenAiChat),
+        ] {
+            let mut spec = ProviderSpec::new(name, kind, base.clone());
+            spec.api_key = openai_key.clone();
+            out.push(spec);
+        }
+    }
+    let (anthropic_key, anthropic_base) = (get("ANTHROPIC_API_KEY"), get("ANTHROPIC_BASE_URL"));
+    if anthropic_key.is_some() || anthropic_base.is_some() {
+        let base = anthropic_base.unwrap_or_else(|| "https://api.anthropic.com".into());
+        let mut spec = ProviderSpec::new("anthropic", WireKind::Anthropic, base);
+        spec.api_key = anthropic_key;
+        out.push(spec);
+    }
+    if let Some(host) = get("OLLAMA_HOST") {
+        out.push(ProviderSpec::new("ollama", WireKind::Ollama, host));
+    }
+    out
+}
+
+fn provider_from_file(name: &str, s: ProviderSection) -> anyhow::Result<ProviderSpec> {
+    if name.is_empty() || name.contains('/') || name == "demo" {
+        bail!("providers.{name:?}: a provider name must be non-empty, without '/', and not `demo`");
+    }
+    let kind = WireKind::parse(&s.kind).with_context(|| {
+        format!(
+            "providers.{name}.kind = {:?}: expected openai-responses, openai-chat, anthropic or ollama",
+            s.kind
+        )
+    })?;
+    let base_url = match (&s.base_url, kind) {
+        (Some(u), _) => u.clone(),
+        (None, WireKind::OpenAiResponses | WireKind::OpenAiChat) => {
+            "https://api.openai.com/v1".into()
+        }
+        (None, WireKind::Anthropic) => "https://api.anthropic.com".into(),
+        (None, WireKind::Ollama) => "http://127.0.0.1:11434".into(),
+    };
+    let mut spec = ProviderSpec::new(name, kind, base_url);
+    spec.api_key = match (&s.api_key, &s.api_key_env) {
+        (Some(k), _) => Some(k.clone()),
+        (None, Some(var)) => Some(std::env::var(var).with_context(|| {
+            format!("providers.{name}.api_key_env: the variable {var} is not set")
+        })?),
+        (None, None) => None,
+    };
+    if let Some(n) = s.max_retries {
+        spec.retry.max_retries = n;
+    }
+    if let Some(ms) = s.connect_timeout_ms {
+        spec.timeouts.connect = Duration::from_millis(ms);
+    }
+    if let Some(ms) = s.first_token_timeout_ms {
+        spec.timeouts.first_token = Duration::from_millis(ms);
+    }
+    if let Some(ms) = s.idle_timeout_ms {
+        spec.timeouts.idle = Duration::from_millis(ms);
+    }
+    if let Some(n) = s.max_tokens {
+        spec.max_tokens = n;
+    }
+    Ok(spec)
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
@@ -208,6 +346,52 @@ mod tests {
         a.api_keys = Some("alice:secret-key".into());
         let cfg = load(&a).expect("allowed with keys");
         assert!(!cfg.keys.is_empty());
+    }
+
+    #[test]
+    fn providers_come_from_the_usual_variables_and_keys_stay_out_of_debug_output() {
+        let env = |k: &str| match k {
+            "OPENAI_API_KEY" => Some("sk-secret".to_string()),
+            "OLLAMA_HOST" => Some("127.0.0.1:11434".to_string()),
+            _ => None,
+        };
+        let providers = env_providers(&env);
+        let names: Vec<&str> = providers.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["openai", "openai-chat", "ollama"]);
+        assert_eq!(providers[0].url(), "https://api.openai.com/v1/responses");
+        assert_eq!(
+            providers[1].url(),
+            "https://api.openai.com/v1/chat/completions"
+        );
+        assert_eq!(providers[2].url(), "http://127.0.0.1:11434/api/chat");
+        let debug = format!("{providers:?}");
+        assert!(!debug.contains("sk-secret"), "{debug}");
+    }
+
+    #[test]
+    fn file_providers_and_aliases() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("sluice.toml");
+        std::fs::write(
+            &path,
+            "[providers.myvllm]\nkind = \"openai-chat\"\nbase_url = \"http://127.0.0.1:8000/v1\"\nmax_retries = 0\n\n[models.fast]\ntarget = \"myvllm/qwen3\"\nfallbacks = [\"demo\"]\n",
+        )
+        .expect("write");
+        let mut a = args();
+        a.config = Some(path.clone());
+        let cfg = load(&a).expect("valid");
+        let vllm = cfg
+            .providers
+            .iter()
+            .find(|p| p.name == "myvllm")
+            .expect("myvllm");
+        assert_eq!(vllm.url(), "http://127.0.0.1:8000/v1/chat/completions");
+        assert_eq!(vllm.retry.max_retries, 0);
+        assert_eq!(cfg.aliases[0].0, "fast");
+        assert_eq!(cfg.aliases[0].1.fallbacks, ["demo"]);
+        std::fs::write(&path, "[providers.x]\nkind = \"grpc\"\n").expect("write");
+        let err = format!("{:#}", load(&a).err().expect("rejected"));
+        assert!(err.contains("providers.x.kind"), "{err}");
     }
 
     #[test]

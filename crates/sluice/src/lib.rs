@@ -7,14 +7,15 @@ pub mod bench;
 pub mod chat;
 pub mod config;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use sluice_engine::{Engine, Metrics};
-use sluice_providers::{DemoConfig, DemoModel, Model};
+use sluice_providers::http::HttpModel;
+use sluice_providers::registry::{ModelCatalog, Registry};
+use sluice_providers::{DemoConfig, DemoModel};
 use sluice_server::AppState;
 use sluice_store::{SqliteStore, Store};
 use tokio::task::JoinHandle;
@@ -59,23 +60,29 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             "run was in flight when the server last stopped; marked interrupted");
     }
     let store: Arc<dyn Store> = Arc::new(store);
-    let mut models: HashMap<String, Arc<dyn Model>> = HashMap::new();
-    models.insert(
-        "demo".into(),
-        Arc::new(DemoModel::new(DemoConfig {
-            tokens_per_sec: config.demo_tokens_per_sec,
-        })),
-    );
-    if !models.contains_key(&config.engine.default_model) {
-        anyhow::bail!(
-            "default_model {:?} is not configured; available: demo",
-            config.engine.default_model
+    let mut registry = Registry::new().with_demo(DemoModel::new(DemoConfig {
+        tokens_per_sec: config.demo_tokens_per_sec,
+    }));
+    for spec in &config.providers {
+        tracing::info!(provider = %spec.name, kind = spec.kind.as_str(), url = %spec.url(), key = spec.api_key.is_some(), "provider configured");
+        registry.add_provider(
+            HttpModel::new(spec.clone())
+                .map_err(|e| anyhow::anyhow!("provider {}: {e}", spec.name))?,
         );
     }
+    for (name, alias) in &config.aliases {
+        registry.add_alias(name.clone(), alias.clone());
+    }
+    registry.validate().map_err(|e| anyhow::anyhow!(e))?;
+    registry
+        .resolve(&config.engine.default_model)
+        .map_err(|e| anyhow::anyhow!("default_model: {e}"))?;
     tracing::info!(
         tokens_per_sec = config.demo_tokens_per_sec,
+        default_model = %config.engine.default_model,
         "model `demo` is the built-in demo: deterministic canned answers, not a real LLM"
     );
+    let models: Arc<dyn ModelCatalog> = Arc::new(registry);
     let metrics = Arc::new(Metrics::default());
     let engine = Engine::new(store, models, config.engine.clone(), metrics);
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -25,6 +25,9 @@ pub struct Opts {
     pub heartbeat: Duration,
     pub max_body: usize,
     pub max_runs_per_owner: usize,
+    pub providers: Vec<sluice_providers::http::ProviderSpec>,
+    pub aliases: Vec<(String, sluice_providers::registry::Alias)>,
+    pub default_model: Option<String>,
 }
 
 impl Default for Opts {
@@ -37,6 +40,9 @@ impl Default for Opts {
             heartbeat: Duration::from_secs(15),
             max_body: 64 * 1024,
             max_runs_per_owner: 0,
+            providers: Vec::new(),
+            aliases: Vec::new(),
+            default_model: None,
         }
     }
 }
@@ -62,12 +68,15 @@ impl TestServer {
                 },
                 retention: opts.retention,
                 max_active_runs_per_owner: opts.max_runs_per_owner,
+                default_model: opts.default_model.unwrap_or_else(|| "demo".into()),
                 ..EngineConfig::default()
             },
             http: HttpConfig {
                 heartbeat: opts.heartbeat,
                 max_body_bytes: opts.max_body,
             },
+            providers: opts.providers,
+            aliases: opts.aliases,
         };
         let running = sluice::start(config).await.expect("server starts");
         let url = running.url();
