@@ -14,6 +14,7 @@ pub mod ollama;
 pub mod openai_chat;
 pub mod openai_responses;
 pub mod registry;
+pub mod simulator;
 
 use std::pin::Pin;
 

@@ -22,6 +22,13 @@ enum Command {
     Chat(sluice::chat::ChatArgs),
     /// Open many concurrent demo runs against a server and report latency, throughput and memory.
     Bench(sluice::bench::BenchArgs),
+    /// Serve the upstream simulator: the four providers' streaming protocols with scripted output
+    /// and faults, for tests and benchmarks (knobs in the model name; see sluice-providers' simulator.rs).
+    Simulate {
+        /// Address to listen on; port 0 picks a free port (printed).
+        #[arg(long, default_value = "127.0.0.1:7421")]
+        listen: std::net::SocketAddr,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -48,6 +55,7 @@ fn main() -> std::process::ExitCode {
             Command::Serve(args) => serve(args).await,
             Command::Chat(args) => sluice::chat::run(args).await,
             Command::Bench(args) => sluice::bench::run(args).await,
+            Command::Simulate { listen } => simulate(listen).await,
         }
     });
     match result {
@@ -65,6 +73,17 @@ async fn serve(args: sluice::config::ServeArgs) -> anyhow::Result<()> {
     shutdown_signal().await;
     tracing::info!("shutting down: interrupting runs in flight, flushing the store");
     running.shutdown().await
+}
+
+async fn simulate(listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "sluice simulator listening on http://{addr}");
+    tokio::select! {
+        res = sluice_providers::simulator::serve(listener) => res?,
+        _ = shutdown_signal() => {}
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {

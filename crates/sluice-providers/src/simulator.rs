@@ -1,0 +1,581 @@
+//! The upstream simulator: a local server that speaks the four providers' streaming wire protocols
+//! (OpenAI Responses and Chat Completions, Anthropic Messages, Ollama chat) with scripted output
+//! and faults, for the tests and the benchmarks. `sluice simulate --listen ADDR` runs it.
+//!
+//! Each request's behaviour comes from its model name: everything after `?` is a query string of
+//! knobs, so a test picks a scenario per run, e.g. `openai/sim?tokens=50&gap_ms=2&fault=drop&after=10`.
+//!
+//! | knob | meaning | default |
+//! |---|---|---|
+//! | `tokens` | answer tokens (`tok0 tok1 …`) | 20 |
+//! | `reasoning` | reasoning tokens before the answer | 0 |
+//! | `tools` | parallel function calls after the answer, arguments in pieces | 0 |
+//! | `ttft_ms` | delay before the first token | 0 |
+//! | `gap_ms` / `gap_us` | delay between tokens | 0 |
+//! | `fault` | `status`, `drop`, `malformed`, `stall` | none |
+//! | `status` | HTTP status for `fault=status` | 503 |
+//! | `retry_after` | `Retry-After` seconds with `fault=status` | none |
+//! | `times` | apply the status fault to the first N requests of this model name only | always |
+//! | `after` | tokens sent before `drop`, `malformed` or `stall` | 0 |
+//!
+//! `GET /sim/stats` reports requests, streams in progress, streams completed, and streams whose
+//! client went away before the end (how tests see that a cancel closed the upstream connection).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::serve::ListenerExt;
+use tokio::sync::mpsc;
+
+/// The wire protocol of an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    Responses,
+    Chat,
+    Anthropic,
+    Ollama,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    None,
+    Status,
+    Drop,
+    Malformed,
+    Stall,
+}
+
+/// One request's script, from the knobs in its model name.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    tokens: u32,
+    reasoning: u32,
+    tools: u32,
+    ttft: Duration,
+    gap: Duration,
+    fault: Fault,
+    status: u16,
+    retry_after: Option<u32>,
+    times: Option<u32>,
+    after: u32,
+}
+
+impl Scenario {
+    fn parse(model: &str) -> Result<Scenario, String> {
+        let mut s = Scenario {
+            tokens: 20,
+            reasoning: 0,
+            tools: 0,
+            ttft: Duration::ZERO,
+            gap: Duration::ZERO,
+            fault: Fault::None,
+            status: 503,
+            retry_after: None,
+            times: None,
+            after: 0,
+        };
+        let Some((_, query)) = model.split_once('?') else {
+            return Ok(s);
+        };
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let num = || {
+                v.parse::<u64>()
+                    .map_err(|_| format!("knob {k}={v:?} is not a number"))
+            };
+            match k {
+                "tokens" => s.tokens = num()? as u32,
+                "reasoning" => s.reasoning = num()? as u32,
+                "tools" => s.tools = num()? as u32,
+                "ttft_ms" => s.ttft = Duration::from_millis(num()?),
+                "gap_ms" => s.gap = Duration::from_millis(num()?),
+                "gap_us" => s.gap = Duration::from_micros(num()?),
+                "status" => s.status = num()? as u16,
+                "retry_after" => s.retry_after = Some(num()? as u32),
+                "times" => s.times = Some(num()? as u32),
+                "after" => s.after = num()? as u32,
+                "fault" => {
+                    s.fault = match v {
+                        "none" => Fault::None,
+                        "status" => Fault::Status,
+                        "drop" => Fault::Drop,
+                        "malformed" => Fault::Malformed,
+                        "stall" => Fault::Stall,
+                        other => return Err(format!("unknown fault {other:?}")),
+                    }
+                }
+                other => return Err(format!("unknown knob {other:?}")),
+            }
+        }
+        Ok(s)
+    }
+}
+
+#[derive(Default)]
+struct Stats {
+    requests: AtomicU64,
+    active: AtomicU64,
+    completed: AtomicU64,
+    client_closed: AtomicU64,
+    /// Requests per model name, for `times`.
+    per_model: Mutex<HashMap<String, u32>>,
+}
+
+/// Counts a stream as active while it lives; notes whether the client left first.
+struct StreamGuard {
+    stats: Arc<Stats>,
+    finished: bool,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.stats.active.fetch_sub(1, Ordering::Relaxed);
+        if self.finished {
+            self.stats.completed.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.stats.client_closed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+pub fn router() -> Router {
+    let stats = Arc::new(Stats::default());
+    Router::new()
+        .route(
+            "/v1/responses",
+            post(|s, b| handle(s, b, Dialect::Responses)),
+        )
+        .route(
+            "/v1/chat/completions",
+            post(|s, b| handle(s, b, Dialect::Chat)),
+        )
+        .route(
+            "/v1/messages",
+            post(|s, b| handle(s, b, Dialect::Anthropic)),
+        )
+        .route("/api/chat", post(|s, b| handle(s, b, Dialect::Ollama)))
+        .route("/sim/stats", get(stats_handler))
+        .with_state(stats)
+}
+
+/// Serves the simulator on `listener` (TCP_NODELAY on every socket) until the future is dropped.
+pub async fn serve(listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, router()).await
+}
+
+async fn stats_handler(State(stats): State<Arc<Stats>>) -> Response {
+    axum::Json(serde_json::json!({
+        "requests": stats.requests.load(Ordering::Relaxed),
+        "active": stats.active.load(Ordering::Relaxed),
+        "completed": stats.completed.load(Ordering::Relaxed),
+        "client_closed": stats.client_closed.load(Ordering::Relaxed),
+    }))
+    .into_response()
+}
+
+fn error_response(status: StatusCode, message: &str) -> Response {
+    let body = serde_json::json!({"error": {"message": message, "type": "simulated_error"}});
+    (status, axum::Json(body)).into_response()
+}
+
+async fn handle(State(stats): State<Arc<Stats>>, body: Bytes, dialect: Dialect) -> Response {
+    stats.requests.fetch_add(1, Ordering::Relaxed);
+    let Ok(req) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return error_response(StatusCode::BAD_REQUEST, "the body is not JSON");
+    };
+    let model = req
+        .get("model")
+        .and_then(|m| m.as_str())
+        .unwrap_or("sim")
+        .to_string();
+    let scenario = match Scenario::parse(&model) {
+        Ok(s) => s,
+        Err(e) => return error_response(StatusCode::BAD_REQUEST, &e),
+    };
+    let nth = {
+        let mut per = match stats.per_model.lock() {
+            Ok(p) => p,
+            Err(p) => p.into_inner(),
+        };
+        let n = per.entry(model.clone()).or_insert(0);
+        *n += 1;
+        *n
+    };
+    if scenario.fault == Fault::Status && scenario.times.is_none_or(|t| nth <= t) {
+        let status =
+            StatusCode::from_u16(scenario.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        let mut resp = error_response(status, "simulated upstream failure");
+        if let Some(s) = scenario.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        return resp;
+    }
+    stats.active.fetch_add(1, Ordering::Relaxed);
+    let guard = StreamGuard {
+        stats: stats.clone(),
+        finished: false,
+    };
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    tokio::spawn(produce(dialect, model, scenario, tx, guard));
+    let body = Body::from_stream(tokio_stream_from(rx));
+    let content_type = match dialect {
+        Dialect::Ollama => "application/x-ndjson",
+        _ => "text/event-stream",
+    };
+    let mut resp = Response::new(body);
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+fn tokio_stream_from(
+    rx: mpsc::Receiver<Result<Bytes, std::io::Error>>,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
+    futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
+}
+
+/// Writes the scripted stream; ends early when the client goes away (a send fails).
+async fn produce(
+    dialect: Dialect,
+    model: String,
+    sc: Scenario,
+    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    mut guard: StreamGuard,
+) {
+    let w = Writer {
+        dialect,
+        model: &model,
+    };
+    let send = |b: String| {
+        let tx = tx.clone();
+        async move { tx.send(Ok(Bytes::from(b))).await.is_ok() }
+    };
+    macro_rules! emit {
+        ($e:expr) => {
+            if !send($e).await {
+                return;
+            }
+        };
+    }
+    emit!(w.start());
+    let mut next_at = tokio::time::Instant::now() + sc.ttft;
+    let mut sent = 0u32;
+    let total = sc.reasoning + sc.tokens;
+    for i in 0..total {
+        if sent == sc.after && sc.fault != Fault::None && sc.fault != Fault::Status {
+            match sc.fault {
+                Fault::Drop => {
+                    // An error makes the server abort the connection mid-body, as a real drop does.
+                    let _ = tx.send(Err(std::io::Error::other("simulated drop"))).await;
+                    return;
+                }
+                Fault::Malformed => {
+                    emit!(w.malformed());
+                    // Hold the connection so the client sees the chunk, not an end.
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    return;
+                }
+                Fault::Stall => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+                        _ = tx.closed() => {}
+                    }
+                    return;
+                }
+                _ => {}
+            }
+        }
+        tokio::time::sleep_until(next_at).await;
+        next_at = tokio::time::Instant::now().max(next_at) + sc.gap;
+        if i < sc.reasoning {
+            if i == 0 {
+                emit!(w.reasoning_start());
+            }
+            emit!(w.reasoning_delta(&format!("think{i} ")));
+            if i + 1 == sc.reasoning {
+                emit!(w.reasoning_done());
+            }
+        } else {
+            let t = i - sc.reasoning;
+            if t == 0 {
+                emit!(w.text_start());
+            }
+            emit!(w.text_delta(&format!("tok{t} ")));
+            if t + 1 == sc.tokens {
+                emit!(w.text_done());
+            }
+        }
+        sent += 1;
+    }
+    for call in 0..sc.tools {
+        emit!(w.tool_start(call));
+        let args = format!("{{\"query\":\"item {call}\",\"limit\":{call}}}");
+        let pieces = split_in(&args, 4);
+        for p in pieces {
+            emit!(w.tool_delta(call, p));
+        }
+        emit!(w.tool_done(call, &args));
+    }
+    let stop = if sc.tools > 0 { "tool_calls" } else { "stop" };
+    emit!(w.finish(stop, sc.tokens, sc.reasoning, sc.tools > 0));
+    guard.finished = true;
+}
+
+fn split_in(s: &str, n: usize) -> Vec<&str> {
+    let step = s.len().div_ceil(n).max(1);
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < s.len() {
+        let mut end = (start + step).min(s.len());
+        while !s.is_char_boundary(end) {
+            end += 1;
+        }
+        out.push(&s[start..end]);
+        start = end;
+    }
+    out
+}
+
+/// Frames in one dialect.
+struct Writer<'a> {
+    dialect: Dialect,
+    model: &'a str,
+}
+
+fn sse(event: Option<&str>, data: serde_json::Value) -> String {
+    match event {
+        Some(e) => format!("event: {e}\ndata: {data}\n\n"),
+        None => format!("data: {data}\n\n"),
+    }
+}
+
+fn ndjson(v: serde_json::Value) -> String {
+    format!("{v}\n")
+}
+
+use serde_json::json;
+
+impl Writer<'_> {
+    fn chat_chunk(&self, delta: serde_json::Value, finish: Option<&str>) -> String {
+        sse(
+            None,
+            json!({"id":"chatcmpl-sim","object":"chat.completion.chunk","created":0,"model":self.model,
+                   "choices":[{"index":0,"delta":delta,"finish_reason":finish}]}),
+        )
+    }
+
+    fn typed(&self, kind: &str, mut v: serde_json::Value) -> String {
+        v["type"] = json!(kind);
+        sse(Some(kind), v)
+    }
+
+    fn ollama_line(&self, message: serde_json::Value) -> String {
+        ndjson(
+            json!({"model":self.model,"created_at":"2026-01-01T00:00:00Z","message":message,"done":false}),
+        )
+    }
+
+    fn start(&self) -> String {
+        match self.dialect {
+            Dialect::Responses => self.typed(
+                "response.created",
+                json!({"response":{"id":"resp_sim","status":"in_progress","model":self.model,"output":[]}}),
+            ),
+            Dialect::Chat => self.chat_chunk(json!({"role":"assistant","content":""}), None),
+            Dialect::Anthropic => {
+                self.typed(
+                    "message_start",
+                    json!({"message":{"id":"msg_sim","type":"message","role":"assistant","content":[],"model":self.model,
+                           "stop_reason":null,"usage":{"input_tokens":10,"output_tokens":1}}}),
+                ) + &self.typed("ping", json!({}))
+            }
+            Dialect::Ollama => String::new(),
+        }
+    }
+
+    fn reasoning_start(&self) -> String {
+        match self.dialect {
+            Dialect::Responses => self.typed(
+                "response.output_item.added",
+                json!({"output_index":0,"item":{"id":"rs_sim","type":"reasoning","summary":[]}}),
+            ) + &self.typed(
+                "response.reasoning_summary_part.added",
+                json!({"item_id":"rs_sim","summary_index":0}),
+            ),
+            Dialect::Anthropic => self.typed(
+                "content_block_start",
+                json!({"index":0,"content_block":{"type":"thinking","thinking":""}}),
+            ),
+            _ => String::new(),
+        }
+    }
+
+    fn reasoning_delta(&self, t: &str) -> String {
+        match self.dialect {
+            Dialect::Responses => self.typed(
+                "response.reasoning_summary_text.delta",
+                json!({"item_id":"rs_sim","delta":t}),
+            ),
+            Dialect::Chat => self.chat_chunk(json!({"reasoning_content":t}), None),
+            Dialect::Anthropic => self.typed(
+                "content_block_delta",
+                json!({"index":0,"delta":{"type":"thinking_delta","thinking":t}}),
+            ),
+            Dialect::Ollama => {
+                self.ollama_line(json!({"role":"assistant","content":"","thinking":t}))
+            }
+        }
+    }
+
+    fn reasoning_done(&self) -> String {
+        match self.dialect {
+            Dialect::Responses => self.typed(
+                "response.output_item.done",
+                json!({"item":{"id":"rs_sim","type":"reasoning"}}),
+            ),
+            Dialect::Anthropic => {
+                self.typed(
+                    "content_block_delta",
+                    json!({"index":0,"delta":{"type":"signature_delta","signature":"sim"}}),
+                ) + &self.typed("content_block_stop", json!({"index":0}))
+            }
+            _ => String::new(),
+        }
+    }
+
+    fn text_start(&self) -> String {
+        match self.dialect {
+            Dialect::Anthropic => self.typed(
+                "content_block_start",
+                json!({"index":1,"content_block":{"type":"text","text":""}}),
+            ),
+            _ => String::new(),
+        }
+    }
+
+    fn text_delta(&self, t: &str) -> String {
+        match self.dialect {
+            Dialect::Responses => self.typed(
+                "response.output_text.delta",
+                json!({"item_id":"msg_sim","delta":t}),
+            ),
+            Dialect::Chat => self.chat_chunk(json!({"content":t}), None),
+            Dialect::Anthropic => self.typed(
+                "content_block_delta",
+                json!({"index":1,"delta":{"type":"text_delta","text":t}}),
+            ),
+            Dialect::Ollama => self.ollama_line(json!({"role":"assistant","content":t})),
+        }
+    }
+
+    fn text_done(&self) -> String {
+        match self.dialect {
+            Dialect::Responses => {
+                self.typed("response.output_text.done", json!({"item_id":"msg_sim"}))
+            }
+            Dialect::Anthropic => self.typed("content_block_stop", json!({"index":1})),
+            _ => String::new(),
+        }
+    }
+
+    fn tool_start(&self, i: u32) -> String {
+        match self.dialect {
+            Dialect::Responses => self.typed(
+                "response.output_item.added",
+                json!({"item":{"id":format!("fc_{i}"),"type":"function_call","call_id":format!("call_{i}"),"name":"lookup","arguments":""}}),
+            ),
+            Dialect::Chat => self.chat_chunk(
+                json!({"tool_calls":[{"index":i,"id":format!("call_{i}"),"type":"function","function":{"name":"lookup","arguments":""}}]}),
+                None,
+            ),
+            Dialect::Anthropic => self.typed(
+                "content_block_start",
+                json!({"index":2+i,"content_block":{"type":"tool_use","id":format!("call_{i}"),"name":"lookup","input":{}}}),
+            ),
+            Dialect::Ollama => String::new(),
+        }
+    }
+
+    fn tool_delta(&self, i: u32, piece: &str) -> String {
+        match self.dialect {
+            Dialect::Responses => self.typed(
+                "response.function_call_arguments.delta",
+                json!({"item_id":format!("fc_{i}"),"delta":piece}),
+            ),
+            Dialect::Chat => self.chat_chunk(
+                json!({"tool_calls":[{"index":i,"function":{"arguments":piece}}]}),
+                None,
+            ),
+            Dialect::Anthropic => self.typed(
+                "content_block_delta",
+                json!({"index":2+i,"delta":{"type":"input_json_delta","partial_json":piece}}),
+            ),
+            Dialect::Ollama => String::new(),
+        }
+    }
+
+    fn tool_done(&self, i: u32, args: &str) -> String {
+        match self.dialect {
+            Dialect::Responses => self.typed(
+                "response.function_call_arguments.done",
+                json!({"item_id":format!("fc_{i}"),"arguments":args}),
+            ),
+            Dialect::Anthropic => self.typed("content_block_stop", json!({"index":2+i})),
+            Dialect::Ollama => {
+                let parsed: serde_json::Value = serde_json::from_str(args).unwrap_or_default();
+                self.ollama_line(json!({"role":"assistant","content":"","tool_calls":[{"function":{"name":"lookup","arguments":parsed}}]}))
+            }
+            Dialect::Chat => String::new(),
+        }
+    }
+
+    fn finish(&self, stop: &str, tokens: u32, reasoning: u32, tools: bool) -> String {
+        let output = u64::from(tokens + reasoning);
+        match self.dialect {
+            Dialect::Responses => self.typed(
+                "response.completed",
+                json!({"response":{"id":"resp_sim","status":"completed","usage":{"input_tokens":10,"output_tokens":output,
+                       "output_tokens_details":{"reasoning_tokens":reasoning},"total_tokens":10+output}}}),
+            ),
+            Dialect::Chat => {
+                self.chat_chunk(json!({}), Some(stop))
+                    + &sse(None, json!({"id":"chatcmpl-sim","object":"chat.completion.chunk","choices":[],
+                        "usage":{"prompt_tokens":10,"completion_tokens":output,"total_tokens":10+output,
+                                 "completion_tokens_details":{"reasoning_tokens":reasoning}}}))
+                    + "data: [DONE]\n\n"
+            }
+            Dialect::Anthropic => {
+                let reason = if tools { "tool_use" } else { "end_turn" };
+                self.typed("message_delta", json!({"delta":{"stop_reason":reason,"stop_sequence":null},"usage":{"output_tokens":output}}))
+                    + &self.typed("message_stop", json!({}))
+            }
+            Dialect::Ollama => ndjson(json!({"model":self.model,"created_at":"2026-01-01T00:00:00Z",
+                "message":{"role":"assistant","content":""},"done":true,"done_reason":stop,
+                "prompt_eval_count":10,"eval_count":output})),
+        }
+    }
+
+    fn malformed(&self) -> String {
+        match self.dialect {
+            Dialect::Ollama => "{\"message\": {\"content\": \"unterminated\n".to_string(),
+            Dialect::Responses => "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\n\n".to_string(),
+            _ => "data: {\"choices\": [{\"delta\": \n\n".to_string(),
+        }
+    }
+}
