@@ -275,10 +275,10 @@ async fn produce(
     }
     emit!(w.start());
     let mut next_at = tokio::time::Instant::now() + sc.ttft;
-    let mut sent = 0u32;
     let total = sc.reasoning + sc.tokens;
     for i in 0..total {
-        if sent == sc.after && sc.fault != Fault::None && sc.fault != Fault::Status {
+        // `i` tokens have been sent so far.
+        if i == sc.after && sc.fault != Fault::None && sc.fault != Fault::Status {
             match sc.fault {
                 Fault::Drop => {
                     // An error makes the server abort the connection mid-body, as a real drop does.
@@ -321,7 +321,6 @@ async fn produce(
                 emit!(w.text_done());
             }
         }
-        sent += 1;
     }
     for call in 0..sc.tools {
         emit!(w.tool_start(call));
