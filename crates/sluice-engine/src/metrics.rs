@@ -100,6 +100,8 @@ pub struct Metrics {
     /// Runs queued or running.
     active_runs: AtomicI64,
     runs_total: Vec<AtomicU64>,
+    /// Tokens as providers reported them: input, output, reasoning.
+    tokens: [AtomicU64; 3],
 }
 
 const LATENCY_BOUNDS: &[f64] = &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0];
@@ -117,6 +119,7 @@ impl Default for Metrics {
             active_streams: AtomicI64::new(0),
             active_runs: AtomicI64::new(0),
             runs_total: Outcome::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
+            tokens: Default::default(),
         }
     }
 }
@@ -150,6 +153,13 @@ impl Metrics {
         self.active_runs.fetch_sub(1, Ordering::Relaxed);
         let i = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
         self.runs_total[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds a finished run's token counts.
+    pub fn add_usage(&self, usage: &sluice_protocol::Usage) {
+        self.tokens[0].fetch_add(usage.input_tokens, Ordering::Relaxed);
+        self.tokens[1].fetch_add(usage.output_tokens, Ordering::Relaxed);
+        self.tokens[2].fetch_add(usage.reasoning_tokens, Ordering::Relaxed);
     }
 
     pub fn runs_total(&self, outcome: Outcome) -> u64 {
@@ -214,6 +224,17 @@ impl Metrics {
                 "sluice_runs_total{{outcome=\"{}\"}} {}",
                 o.as_str(),
                 self.runs_total(o)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP sluice_tokens_total Tokens used by finished runs, as the providers reported them.\n# TYPE sluice_tokens_total counter"
+        );
+        for (i, kind) in ["input", "output", "reasoning"].iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "sluice_tokens_total{{kind=\"{kind}\"}} {}",
+                self.tokens[i].load(Ordering::Relaxed)
             );
         }
         out

@@ -166,6 +166,7 @@ impl RunTask {
             }
         }
         self.inner.metrics.run_ended(outcome);
+        self.inner.metrics.add_usage(&usage);
         self.inner.release_run_slot(&handle.owner);
         let secs = duration_ms / 1000.0;
         tracing::info!(

@@ -17,6 +17,7 @@
 //! | `retry_after` | `Retry-After` seconds with `fault=status` | none |
 //! | `times` | apply the status fault to the first N requests of this model name only | always |
 //! | `after` | tokens sent before `drop`, `malformed` or `stall` | 0 |
+//! | `id` | a label with no effect but to make a model name (and so its `times` count) unique | |
 //!
 //! `GET /sim/stats` reports requests, streams in progress, streams completed, and streams whose
 //! client went away before the end (how tests see that a cancel closed the upstream connection).
@@ -102,6 +103,7 @@ impl Scenario {
                 "retry_after" => s.retry_after = Some(num()? as u32),
                 "times" => s.times = Some(num()? as u32),
                 "after" => s.after = num()? as u32,
+                "id" => {}
                 "fault" => {
                     s.fault = match v {
                         "none" => Fault::None,
@@ -281,17 +283,18 @@ async fn produce(
         if i == sc.after && sc.fault != Fault::None && sc.fault != Fault::Status {
             match sc.fault {
                 Fault::Drop => {
-                    // An error makes the server abort the connection mid-body, as a real drop does.
+                    // Let what was sent reach the client, then abort the connection mid-body (an
+                    // error from the body stream), as a real drop does.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     let _ = tx.send(Err(std::io::Error::other("simulated drop"))).await;
                     return;
                 }
-                Fault::Malformed => {
-                    emit!(w.malformed());
-                    // Hold the connection so the client sees the chunk, not an end.
-                    tokio::time::sleep(Duration::from_secs(3600)).await;
-                    return;
-                }
-                Fault::Stall => {
+                Fault::Malformed | Fault::Stall => {
+                    if sc.fault == Fault::Malformed {
+                        emit!(w.malformed());
+                    }
+                    // Hold the connection open (the client must notice, not see an end) until the
+                    // client goes away.
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
                         _ = tx.closed() => {}

@@ -5,6 +5,7 @@
 
 mod api;
 mod process;
+mod providers;
 mod resume;
 mod streaming;
 
