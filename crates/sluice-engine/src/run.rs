@@ -211,6 +211,7 @@ impl RunTask {
             Ok(m) => m,
             Err(error) => return Ending::Failed(error),
         };
+        tracing::debug!(run_id = %self.handle.id, since_accepted_us = self.accepted.elapsed().as_micros() as u64, "calling the model");
         let mut stream = self.model.stream(ModelRequest {
             model: self.upstream_model.clone(),
             messages,

@@ -410,6 +410,7 @@ impl Call {
                 retry_after,
             });
         }
+        tracing::debug!(provider = %self.spec.name, attempt = self.attempt, headers_us = self.started.elapsed().as_micros() as u64, "upstream answered");
         self.body_stream = Some(resp.bytes_stream().boxed());
         self.decoder = Some(ByteDecoder::new(
             self.spec.kind.framing(),
@@ -467,6 +468,10 @@ impl Call {
         };
         if decoder.is_done() {
             self.finished = true;
+            // Read the (normally empty) rest of the body so the connection goes back to the pool
+            // instead of being closed: the next request then skips connection setup.
+            let drain = async { while let Some(Ok(_)) = body.next().await {} };
+            let _ = tokio::time::timeout(Duration::from_millis(50), drain).await;
         }
         self.pending.extend(out);
         match result {

@@ -304,7 +304,10 @@ async fn produce(
                 _ => {}
             }
         }
-        tokio::time::sleep_until(next_at).await;
+        // Zero delays do not touch the timer (its 1 ms granularity would pace tokens at 1 kHz).
+        if next_at > tokio::time::Instant::now() {
+            tokio::time::sleep_until(next_at).await;
+        }
         next_at = tokio::time::Instant::now().max(next_at) + sc.gap;
         if i < sc.reasoning {
             if i == 0 {

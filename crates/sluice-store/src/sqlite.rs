@@ -24,6 +24,9 @@ use crate::{NewRun, NewThread, RecoveredRun, Reply, RunEnd, Store, StoreError, S
 /// The most operations applied in one transaction; bounds how long a read waits behind writes.
 const MAX_BATCH: usize = 4096;
 
+/// How long the writer lets a burst of writes gather before committing it.
+const COMMIT_DELAY: std::time::Duration = std::time::Duration::from_millis(2);
+
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS threads (
     id          TEXT PRIMARY KEY,
@@ -288,7 +291,23 @@ fn recover(conn: &mut Connection) -> Result<Vec<RecoveredRun>, StoreError> {
 fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Op>, depth: Arc<AtomicUsize>) {
     let mut batch = Vec::with_capacity(256);
     while let Ok(first) = rx.recv() {
+        // Group commit: a write waits a moment for the rest of its burst, so a streaming run costs
+        // one commit per few milliseconds instead of one per token, and the commit's CPU burst does
+        // not land in the middle of the latency-critical first exchange with the provider.
+        // Reads and flushes are answered at once.
+        let is_write = !matches!(
+            first,
+            Op::GetThread(..)
+                | Op::ThreadExists(..)
+                | Op::ListThreads(..)
+                | Op::GetRun(..)
+                | Op::ReadEvents(..)
+                | Op::Flush(..)
+        );
         batch.push(first);
+        if is_write {
+            std::thread::sleep(COMMIT_DELAY);
+        }
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(op) => batch.push(op),

@@ -35,6 +35,13 @@ pub struct BenchArgs {
     /// Connections being opened at the same moment.
     #[arg(long, default_value_t = 200)]
     pub connect_concurrency: usize,
+    /// Instead: compare each provider adapter with calling the upstream simulator directly
+    /// (time to first token, time per token), this many runs per adapter and path.
+    #[arg(long)]
+    pub providers: Option<usize>,
+    /// Tokens per run in the provider comparison.
+    #[arg(long, default_value_t = 200)]
+    pub provider_tokens: u32,
 }
 
 struct Server {
@@ -45,26 +52,43 @@ struct Server {
 }
 
 async fn spawn_server(tokens_per_sec: f64) -> anyhow::Result<Server> {
+    let tps = tokens_per_sec.to_string();
+    spawn_child(
+        &["serve"],
+        &[("SLUICE_DEMO_TOKENS_PER_SEC", tps.as_str())],
+        "sluice listening on http://",
+    )
+    .await
+}
+
+/// Starts this binary with `args` (plus a fresh data directory and port 0 for `serve`) and waits
+/// for the log line that names its address.
+async fn spawn_child(args: &[&str], envs: &[(&str, &str)], marker: &str) -> anyhow::Result<Server> {
     let dir = tempfile::tempdir()?;
     let exe = std::env::current_exe()?;
-    let mut child = tokio::process::Command::new(exe)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .env("SLUICE_DEMO_TOKENS_PER_SEC", tokens_per_sec.to_string())
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.args(args).args(["--listen", "127.0.0.1:0"]);
+    if args.first() == Some(&"serve") {
+        cmd.arg("--data-dir").arg(dir.path());
+    }
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
         .env("SLUICE_LOG", "warn,sluice=info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .context("starting sluice serve")?;
-    let pid = child.id().context("server pid")?;
-    let stderr = child.stderr.take().context("server stderr")?;
+        .context("starting a sluice child process")?;
+    let pid = child.id().context("child pid")?;
+    let stderr = child.stderr.take().context("child stderr")?;
     let mut lines = BufReader::new(stderr).lines();
     let addr = loop {
         let Some(line) = lines.next_line().await? else {
-            bail!("the server exited before listening");
+            bail!("the child process exited before listening");
         };
-        if let Some(rest) = line.split("sluice listening on http://").nth(1) {
+        if let Some(rest) = line.split(marker).nth(1) {
             break rest
                 .split_whitespace()
                 .next()
@@ -229,6 +253,9 @@ fn ms(d: Duration) -> String {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(runs) = args.providers {
+        return providers(runs, args.provider_tokens).await;
+    }
     raise_fd_limit(args.streams as u64 * 2 + 256);
     let body = r#"{"content":"benchmark"}"#;
 
@@ -358,4 +385,174 @@ fn raise_fd_limit(want: u64) {
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
+}
+
+/// Finds `tok<digit>` across reads: each is one token of the simulator's answer.
+#[derive(Default)]
+struct TokenScanner {
+    state: u8,
+}
+
+impl TokenScanner {
+    /// How many tokens start in `bytes`.
+    fn feed(&mut self, bytes: &[u8]) -> usize {
+        let mut found = 0;
+        for &b in bytes {
+            self.state = match (self.state, b) {
+                (3, b'0'..=b'9') => {
+                    found += 1;
+                    0
+                }
+                (_, b't') => 1,
+                (1, b'o') => 2,
+                (2, b'k') => 3,
+                _ => 0,
+            };
+        }
+        found
+    }
+}
+
+/// Sends `body` to `path` and answers each token's arrival time after the request was written.
+async fn token_times(
+    addr: &str,
+    path: &str,
+    body: &str,
+    tokens: u32,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut sock = TcpStream::connect(addr).await?;
+    sock.set_nodelay(true)?;
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let started = Instant::now();
+    sock.write_all(req.as_bytes()).await?;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut scanner = TokenScanner::default();
+    let mut times = Vec::with_capacity(tokens as usize);
+    while times.len() < tokens as usize {
+        let n = sock.read(&mut buf).await?;
+        if n == 0 {
+            bail!("{path}: closed after {} of {tokens} tokens", times.len());
+        }
+        let at = started.elapsed();
+        for _ in 0..scanner.feed(&buf[..n]) {
+            times.push(at);
+        }
+    }
+    Ok(times)
+}
+
+#[derive(Default)]
+struct PathStats {
+    ttft: Vec<Duration>,
+    per_token: Vec<Duration>,
+}
+
+impl PathStats {
+    fn add(&mut self, times: &[Duration]) {
+        if let (Some(first), Some(last)) = (times.first(), times.last()) {
+            self.ttft.push(*first);
+            if times.len() > 1 {
+                self.per_token
+                    .push((*last - *first) / (times.len() as u32 - 1));
+            }
+        }
+    }
+
+    fn sorted(mut self) -> (Vec<Duration>, Vec<Duration>) {
+        self.ttft.sort();
+        self.per_token.sort();
+        (self.ttft, self.per_token)
+    }
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
+}
+
+fn signed_us(a: Duration, b: Duration) -> String {
+    format!("{:+.1} µs", (a.as_secs_f64() - b.as_secs_f64()) * 1e6)
+}
+
+/// Each adapter against the simulator: the simulator called directly, and through Sluice, in
+/// alternation so both paths see the same conditions. Persistence is on.
+async fn providers(runs: usize, tokens: u32) -> anyhow::Result<()> {
+    let sim = spawn_child(&["simulate"], &[], "sluice simulator listening on http://").await?;
+    let sim_url = format!("http://{}", sim.addr);
+    let v1 = format!("{sim_url}/v1");
+    let server = spawn_child(
+        &["serve"],
+        &[
+            ("OPENAI_BASE_URL", v1.as_str()),
+            ("OPENAI_API_KEY", "sk-bench"),
+            ("ANTHROPIC_BASE_URL", sim_url.as_str()),
+            ("ANTHROPIC_API_KEY", "sk-bench"),
+            ("OLLAMA_HOST", sim_url.as_str()),
+        ],
+        "sluice listening on http://",
+    )
+    .await?;
+    let model = format!("sim?tokens={tokens}");
+    println!(
+        "# sluice bench --providers {runs} — {tokens} tokens per run, simulator pace: as fast as possible"
+    );
+    println!("| adapter | path | first token p50 | p99 | per token p50 | p99 |");
+    println!("|---|---|---|---|---|---|");
+    let adapters = [
+        ("openai", "/v1/responses"),
+        ("openai-chat", "/v1/chat/completions"),
+        ("anthropic", "/v1/messages"),
+        ("ollama", "/api/chat"),
+    ];
+    let mut summary = Vec::new();
+    for (provider, path) in adapters {
+        let direct_body = serde_json::json!({
+            "model": model, "stream": true, "max_tokens": 4096,
+            "messages": [{"role": "user", "content": "bench"}],
+            "input": [{"role": "user", "content": "bench"}],
+        })
+        .to_string();
+        let sluice_body =
+            serde_json::json!({"content": "bench", "model": format!("{provider}/{model}")})
+                .to_string();
+        let (mut direct, mut through) = (PathStats::default(), PathStats::default());
+        // Warm both paths (connection pools, caches) before measuring.
+        token_times(&sim.addr, path, &direct_body, tokens).await?;
+        token_times(&server.addr, "/v1/runs/stream", &sluice_body, tokens).await?;
+        for _ in 0..runs {
+            direct.add(&token_times(&sim.addr, path, &direct_body, tokens).await?);
+            through.add(&token_times(&server.addr, "/v1/runs/stream", &sluice_body, tokens).await?);
+        }
+        let (d_ttft, d_tok) = direct.sorted();
+        let (s_ttft, s_tok) = through.sorted();
+        for (name, ttft, tok) in [
+            ("direct", &d_ttft, &d_tok),
+            ("through Sluice", &s_ttft, &s_tok),
+        ] {
+            println!(
+                "| {provider} | {name} | {} | {} | {} | {} |",
+                us(percentile(ttft, 0.5)),
+                us(percentile(ttft, 0.99)),
+                us(percentile(tok, 0.5)),
+                us(percentile(tok, 0.99))
+            );
+        }
+        summary.push(format!(
+            "| {provider} | {} | {} | {} |",
+            signed_us(percentile(&s_ttft, 0.5), percentile(&d_ttft, 0.5)),
+            signed_us(percentile(&s_ttft, 0.99), percentile(&d_ttft, 0.99)),
+            signed_us(percentile(&s_tok, 0.5), percentile(&d_tok, 0.5)),
+        ));
+    }
+    println!();
+    println!("| adapter | added to first token p50 | added p99 | added per token p50 |");
+    println!("|---|---|---|---|");
+    for line in summary {
+        println!("{line}");
+    }
+    drop(server);
+    drop(sim);
+    Ok(())
 }
