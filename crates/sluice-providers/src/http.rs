@@ -268,7 +268,7 @@ impl Call {
             }
             if let Some(error) = self.deferred.take() {
                 self.finished = true;
-                return Some(Err(error));
+                return Some(Err(self.redact(error)));
             }
             if self.finished {
                 return None;
@@ -292,7 +292,7 @@ impl Call {
                     Some(after) => after.min(MAX_RETRY_AFTER),
                     None => self.backoff(),
                 };
-                tracing::warn!(provider = %self.spec.name, attempt = self.attempt + 1, delay_ms = delay.as_millis() as u64, error = %failure.error, "retrying upstream request");
+                tracing::warn!(provider = %self.spec.name, attempt = self.attempt + 1, delay_ms = delay.as_millis() as u64, error = %self.redact(failure.error.clone()), "retrying upstream request");
                 self.attempt += 1;
                 self.finished = false;
                 tokio::time::sleep(delay).await;
@@ -300,8 +300,17 @@ impl Call {
                 continue;
             }
             self.finished = true;
-            return Some(Err(failure.error));
+            return Some(Err(self.redact(failure.error)));
         }
+    }
+
+    /// Removes the API key from a message that may quote the provider's answer (some providers
+    /// echo part of a bad key back).
+    fn redact(&self, mut error: ProviderError) -> ProviderError {
+        if let Some(key) = self.spec.api_key.as_deref().filter(|k| k.len() >= 8) {
+            error.message = error.message.replace(key, "<redacted>");
+        }
+        error
     }
 
     fn backoff(&self) -> Duration {

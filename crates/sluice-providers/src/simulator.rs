@@ -17,6 +17,7 @@
 //! | `retry_after` | `Retry-After` seconds with `fault=status` | none |
 //! | `times` | apply the status fault to the first N requests of this model name only | always |
 //! | `after` | tokens sent before `drop`, `malformed` or `stall` | 0 |
+//! | `echo_auth` | `1`: the status fault's message quotes the credentials received, as some providers do | 0 |
 //! | `id` | a label with no effect but to make a model name (and so its `times` count) unique | |
 //!
 //! `GET /sim/stats` reports requests, streams in progress, streams completed, and streams whose
@@ -67,6 +68,7 @@ pub struct Scenario {
     retry_after: Option<u32>,
     times: Option<u32>,
     after: u32,
+    echo_auth: bool,
 }
 
 impl Scenario {
@@ -82,6 +84,7 @@ impl Scenario {
             retry_after: None,
             times: None,
             after: 0,
+            echo_auth: false,
         };
         let Some((_, query)) = model.split_once('?') else {
             return Ok(s);
@@ -104,6 +107,7 @@ impl Scenario {
                 "times" => s.times = Some(num()? as u32),
                 "after" => s.after = num()? as u32,
                 "id" => {}
+                "echo_auth" => s.echo_auth = v == "1",
                 "fault" => {
                     s.fault = match v {
                         "none" => Fault::None,
@@ -153,17 +157,20 @@ pub fn router() -> Router {
     Router::new()
         .route(
             "/v1/responses",
-            post(|s, b| handle(s, b, Dialect::Responses)),
+            post(|s, h, b| handle(s, h, b, Dialect::Responses)),
         )
         .route(
             "/v1/chat/completions",
-            post(|s, b| handle(s, b, Dialect::Chat)),
+            post(|s, h, b| handle(s, h, b, Dialect::Chat)),
         )
         .route(
             "/v1/messages",
-            post(|s, b| handle(s, b, Dialect::Anthropic)),
+            post(|s, h, b| handle(s, h, b, Dialect::Anthropic)),
         )
-        .route("/api/chat", post(|s, b| handle(s, b, Dialect::Ollama)))
+        .route(
+            "/api/chat",
+            post(|s, h, b| handle(s, h, b, Dialect::Ollama)),
+        )
         .route("/sim/stats", get(stats_handler))
         .with_state(stats)
 }
@@ -191,7 +198,12 @@ fn error_response(status: StatusCode, message: &str) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-async fn handle(State(stats): State<Arc<Stats>>, body: Bytes, dialect: Dialect) -> Response {
+async fn handle(
+    State(stats): State<Arc<Stats>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+    dialect: Dialect,
+) -> Response {
     stats.requests.fetch_add(1, Ordering::Relaxed);
     let Ok(req) = serde_json::from_slice::<serde_json::Value>(&body) else {
         return error_response(StatusCode::BAD_REQUEST, "the body is not JSON");
@@ -217,7 +229,18 @@ async fn handle(State(stats): State<Arc<Stats>>, body: Bytes, dialect: Dialect) 
     if scenario.fault == Fault::Status && scenario.times.is_none_or(|t| nth <= t) {
         let status =
             StatusCode::from_u16(scenario.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-        let mut resp = error_response(status, "simulated upstream failure");
+        // Like providers that quote a bad key back, optionally echo the credentials received.
+        let credentials = headers
+            .get(header::AUTHORIZATION)
+            .or_else(|| headers.get("x-api-key"))
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none");
+        let message = if scenario.echo_auth {
+            format!("simulated upstream failure; credentials received: {credentials}")
+        } else {
+            "simulated upstream failure".to_string()
+        };
+        let mut resp = error_response(status, &message);
         if let Some(s) = scenario.retry_after {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));

@@ -297,13 +297,21 @@ async fn each_fault_ends_the_run_as_a_user_expects_for_each_protocol() {
     // No first token in time.
     let (code, msg, _) = failed_with(&server, "impatient/sim?ttft_ms=3000").await;
     assert_eq!(code, ErrorCode::UpstreamTimeout, "{msg}");
+    // A provider that quotes the key back: the key is redacted from what the client sees.
+    let (_, msg, _) = failed_with(
+        &server,
+        "openai-chat/sim?fault=status&status=401&echo_auth=1",
+    )
+    .await;
+    assert!(msg.contains("<redacted>"), "{msg}");
     // Persistent failures were tried 1 + max_retries times.
     let stats = sim_stats(&sim).await;
     // Per protocol: drop, malformed and stall once each (output had begun: never retried), the
-    // persistent 503 and 429 three times each (1 + max_retries), the one-off 500 twice.
+    // persistent 503 and 429 three times each (1 + max_retries), the one-off 500 twice; then the
+    // impatient provider once (no retries) and the 401 once (not retryable).
     assert_eq!(
         stats["requests"],
-        4 * (1 + 1 + 1 + 3 + 3 + 2) + 1,
+        4 * (1 + 1 + 1 + 3 + 3 + 2) + 1 + 1,
         "{stats}"
     );
 }
