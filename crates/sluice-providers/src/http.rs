@@ -194,6 +194,9 @@ impl HttpModel {
             .connect_timeout(spec.timeouts.connect)
             .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(90))
+            // Enough idle connections to absorb bursts without keeping every connection of the
+            // last burst (each holds buffers) for the whole idle timeout.
+            .pool_max_idle_per_host(256)
             .build()
             .map_err(|e| ProviderError::new(ErrorCode::Internal, format!("HTTP client: {e}")))?;
         Ok(HttpModel {

@@ -36,7 +36,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 200)]
     pub connect_concurrency: usize,
     /// Instead: compare each provider adapter with calling the upstream simulator directly
-    /// (time to first token, time per token), this many runs per adapter and path.
+    /// (time to first token, time per token), this many runs per adapter and path; then run the
+    /// concurrent phase (`--streams`, 0 to skip) through each adapter.
     #[arg(long)]
     pub providers: Option<usize>,
     /// Tokens per run in the provider comparison.
@@ -138,6 +139,8 @@ fn cpu_secs(pid: u32) -> f64 {
 /// What one stream saw.
 struct StreamResult {
     first_event: Duration,
+    /// The first `text_delta` (the first token of the answer), if any came.
+    first_text: Option<Duration>,
     events: u64,
 }
 
@@ -148,6 +151,8 @@ struct FrameCounter {
     capturing: Option<Vec<u8>>,
     events: u64,
     terminal: bool,
+    /// Whether a `text_delta` has been seen.
+    saw_text: bool,
 }
 
 const PATTERN: &[u8] = b"\nevent: ";
@@ -160,6 +165,7 @@ impl FrameCounter {
                     let kind = std::mem::take(cap);
                     self.capturing = None;
                     self.events += 1;
+                    self.saw_text |= &kind[..] == b"text_delta";
                     if matches!(
                         &kind[..],
                         b"run_completed" | b"run_failed" | b"run_cancelled" | b"run_interrupted"
@@ -206,6 +212,7 @@ async fn read_stream(
     let mut buf = vec![0u8; 4096];
     let mut counter = FrameCounter::default();
     let mut first = None;
+    let mut first_text = None;
     let mut opened = Some(opened);
     while !counter.terminal {
         let n = sock.read(&mut buf).await?;
@@ -213,6 +220,9 @@ async fn read_stream(
             bail!("connection closed before the terminal event");
         }
         counter.feed(&buf[..n]);
+        if first_text.is_none() && counter.saw_text {
+            first_text = Some(started.elapsed());
+        }
         if first.is_none() && counter.events > 0 {
             first = Some(started.elapsed());
             if let Some(f) = opened.take() {
@@ -222,6 +232,7 @@ async fn read_stream(
     }
     Ok(StreamResult {
         first_event: first.unwrap_or_default(),
+        first_text,
         events: counter.events,
     })
 }
@@ -254,7 +265,7 @@ fn ms(d: Duration) -> String {
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(runs) = args.providers {
-        return providers(runs, args.provider_tokens).await;
+        return providers(runs, args.provider_tokens, args.streams).await;
     }
     raise_fd_limit(args.streams as u64 * 2 + 256);
     let body = r#"{"content":"benchmark"}"#;
@@ -293,26 +304,100 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     // Phase 2: all streams open at once.
     let mut server = spawn_server(args.tokens_per_sec).await?;
+    let c = concurrent(&server, body, args.streams, args.connect_concurrency).await?;
+    c.print(&format!(
+        "{} concurrent streams (demo at {} tokens/s per run)",
+        args.streams, args.tokens_per_sec
+    ));
+    let _ = server.child.kill().await;
+    if c.failures > 0 {
+        bail!("{} streams failed", c.failures);
+    }
+    Ok(())
+}
+
+/// What the concurrent phase measured.
+struct Concurrent {
+    streams: usize,
+    all_open: Duration,
+    first_event: Vec<Duration>,
+    first_text: Vec<Duration>,
+    events: u64,
+    failures: usize,
+    wall: Duration,
+    cpu: f64,
+    rss_idle: u64,
+    rss_open: u64,
+}
+
+impl Concurrent {
+    fn print(&self, title: &str) {
+        println!("## {title}");
+        println!("all streams open after    {}", ms(self.all_open));
+        println!(
+            "first event               p50 {}  p99 {}",
+            ms(percentile(&self.first_event, 0.5)),
+            ms(percentile(&self.first_event, 0.99))
+        );
+        if !self.first_text.is_empty() {
+            println!(
+                "first token               p50 {}  p99 {}",
+                ms(percentile(&self.first_text, 0.5)),
+                ms(percentile(&self.first_text, 0.99))
+            );
+        }
+        println!(
+            "events delivered          {} in {:.2} s = {:.0} events/s",
+            self.events,
+            self.wall.as_secs_f64(),
+            self.events as f64 / self.wall.as_secs_f64()
+        );
+        println!(
+            "server CPU                {:.2} s = {:.1}% of one core",
+            self.cpu,
+            100.0 * self.cpu / self.wall.as_secs_f64()
+        );
+        println!(
+            "server RSS                idle {} KiB, all open {} KiB => {:.1} KiB per open stream",
+            self.rss_idle,
+            self.rss_open,
+            (self.rss_open.saturating_sub(self.rss_idle)) as f64 / self.streams as f64
+        );
+        println!("failed streams            {}", self.failures);
+    }
+}
+
+/// Opens `streams` runs at once against `server` and reads each to its end, sampling the server's
+/// memory once every stream has its first event.
+async fn concurrent(
+    server: &Server,
+    body: &str,
+    streams: usize,
+    connect_concurrency: usize,
+) -> anyhow::Result<Concurrent> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_idle = rss_kib(server.pid);
     let cpu_before = cpu_secs(server.pid);
-    let gate = Arc::new(Semaphore::new(args.connect_concurrency));
+    let body: Arc<str> = Arc::from(body);
+    let gate = Arc::new(Semaphore::new(connect_concurrency));
     let opened = Arc::new(tokio::sync::Notify::new());
     let open_count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..args.streams {
+    for _ in 0..streams {
         let addr = server.addr.clone();
-        let gate = gate.clone();
-        let opened = opened.clone();
-        let open_count = open_count.clone();
-        let n = args.streams;
+        let (gate, opened, open_count, body) = (
+            gate.clone(),
+            opened.clone(),
+            open_count.clone(),
+            body.clone(),
+        );
         tasks.spawn(async move {
             let permit = gate.acquire_owned().await?;
-            let (sock, t0) = open_stream(&addr, body).await?;
+            let (sock, t0) = open_stream(&addr, &body).await?;
             read_stream(sock, t0, move || {
                 drop(permit);
-                if open_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == n {
+                if open_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == streams {
                     opened.notify_one();
                 }
             })
@@ -322,53 +407,32 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     opened.notified().await;
     let all_open = started.elapsed();
     let rss_open = rss_kib(server.pid);
-    let mut first = Vec::with_capacity(args.streams);
-    let mut events = 0;
-    let mut failures = 0;
+    let (mut first_event, mut first_text) = (Vec::with_capacity(streams), Vec::new());
+    let (mut events, mut failures) = (0, 0);
     while let Some(res) = tasks.join_next().await {
         match res {
             Ok(Ok(r)) => {
-                first.push(r.first_event);
+                first_event.push(r.first_event);
+                first_text.extend(r.first_text);
                 events += r.events;
             }
             _ => failures += 1,
         }
     }
-    let wall = started.elapsed();
-    let cpu = cpu_secs(server.pid) - cpu_before;
-    first.sort();
-    println!(
-        "## {} concurrent streams (demo at {} tokens/s per run)",
-        args.streams, args.tokens_per_sec
-    );
-    println!("all streams open after    {}", ms(all_open));
-    println!(
-        "first event               p50 {}  p99 {}",
-        ms(percentile(&first, 0.5)),
-        ms(percentile(&first, 0.99))
-    );
-    println!(
-        "events delivered          {events} in {:.2} s = {:.0} events/s",
-        wall.as_secs_f64(),
-        events as f64 / wall.as_secs_f64()
-    );
-    println!(
-        "server CPU                {:.2} s = {:.1}% of one core",
-        cpu,
-        100.0 * cpu / wall.as_secs_f64()
-    );
-    println!(
-        "server RSS                idle {} KiB, all open {} KiB => {:.1} KiB per open stream",
+    first_event.sort();
+    first_text.sort();
+    Ok(Concurrent {
+        streams,
+        all_open,
+        first_event,
+        first_text,
+        events,
+        failures,
+        wall: started.elapsed(),
+        cpu: cpu_secs(server.pid) - cpu_before,
         rss_idle,
         rss_open,
-        (rss_open.saturating_sub(rss_idle)) as f64 / args.streams as f64
-    );
-    println!("failed streams            {failures}");
-    let _ = server.child.kill().await;
-    if failures > 0 {
-        bail!("{failures} streams failed");
-    }
-    Ok(())
+    })
 }
 
 /// Lifts the soft open-files limit toward `want` (up to the hard limit): each stream is a socket.
@@ -478,7 +542,7 @@ fn signed_us(a: Duration, b: Duration) -> String {
 
 /// Each adapter against the simulator: the simulator called directly, and through Sluice, in
 /// alternation so both paths see the same conditions. Persistence is on.
-async fn providers(runs: usize, tokens: u32) -> anyhow::Result<()> {
+async fn providers(runs: usize, tokens: u32, concurrent_streams: usize) -> anyhow::Result<()> {
     let sim = spawn_child(&["simulate"], &[], "sluice simulator listening on http://").await?;
     let sim_url = format!("http://{}", sim.addr);
     let v1 = format!("{sim_url}/v1");
@@ -551,6 +615,19 @@ async fn providers(runs: usize, tokens: u32) -> anyhow::Result<()> {
     println!("|---|---|---|---|");
     for line in summary {
         println!("{line}");
+    }
+    // The core benchmark through each adapter: many concurrent runs, each streaming from the
+    // simulator at 20 tokens/s for 5 s.
+    if concurrent_streams > 0 {
+        println!();
+        for (provider, _) in adapters {
+            let body = serde_json::json!({"content": "bench", "model": format!("{provider}/sim?tokens=100&gap_ms=50")}).to_string();
+            let c = concurrent(&server, &body, concurrent_streams, 200).await?;
+            c.print(&format!("{concurrent_streams} concurrent streams through {provider} (simulator: 100 tokens at 20/s)"));
+            if c.failures > 0 {
+                bail!("{} streams failed through {provider}", c.failures);
+            }
+        }
     }
     drop(server);
     drop(sim);
