@@ -10,7 +10,7 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use sluice_protocol::api::{MessageStatus, RunStatus};
 use sluice_protocol::{ErrorCode, ErrorInfo, EventBody, Frame, Usage};
-use sluice_providers::{ChatMessage, Model, ModelEvent, ModelRequest};
+use sluice_providers::{ChatMessage, Model, ModelEvent, ModelRequest, Role};
 use sluice_store::RunEnd;
 use tokio::time::Instant;
 
@@ -215,6 +215,7 @@ impl RunTask {
         let mut stream = self.model.stream(ModelRequest {
             model: self.upstream_model.clone(),
             messages,
+            tools: Vec::new(),
         });
         loop {
             let item = tokio::select! {
@@ -278,10 +279,7 @@ impl RunTask {
     /// The conversation for the model: the thread's messages up to this run's user message.
     async fn history(&self) -> Result<Vec<ChatMessage>, ErrorInfo> {
         if self.new_thread {
-            return Ok(vec![ChatMessage {
-                role: "user".into(),
-                content: self.content.clone(),
-            }]);
+            return Ok(vec![ChatMessage::text(Role::User, self.content.clone())]);
         }
         let thread = self
             .inner
@@ -297,18 +295,13 @@ impl RunTask {
             .ok_or_else(|| ErrorInfo::new(ErrorCode::NotFound, "the thread was deleted"))?;
         let mut messages = Vec::new();
         for m in thread.messages.unwrap_or_default() {
+            let role = Role::parse(&m.role).unwrap_or(Role::User);
             if m.id == self.handle.user_message_id {
-                messages.push(ChatMessage {
-                    role: m.role,
-                    content: m.content,
-                });
+                messages.push(ChatMessage::text(role, m.content));
                 break;
             }
             if !m.content.is_empty() {
-                messages.push(ChatMessage {
-                    role: m.role,
-                    content: m.content,
-                });
+                messages.push(ChatMessage::text(role, m.content));
             }
         }
         Ok(messages)

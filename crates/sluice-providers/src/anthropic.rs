@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use sluice_protocol::{ErrorCode, Usage};
 
 use crate::decode::{Decoder, Flow, error_from, parse_json, str_field, u64_at};
-use crate::{ChatMessage, ModelEvent, ProviderError};
+use crate::{ChatMessage, ModelEvent, ProviderError, Role, ToolSpec};
 
 #[derive(Debug)]
 enum Block {
@@ -159,18 +159,62 @@ impl AnthropicDecoder {
     }
 }
 
-/// The request body. System messages go in `system`.
-pub fn request_body(model: &str, messages: &[ChatMessage], max_tokens: u32) -> serde_json::Value {
+/// The request body. System messages go in `system`; an assistant's tool calls become `tool_use`
+/// blocks (input as a JSON object) and tool results `tool_result` blocks in a user turn (adjacent
+/// results share one turn, as the API requires alternating roles); tools use `input_schema`.
+pub fn request_body(
+    model: &str,
+    messages: &[ChatMessage],
+    tools: &[ToolSpec],
+    max_tokens: u32,
+) -> serde_json::Value {
     let system: Vec<&str> = messages
         .iter()
-        .filter(|m| m.role == "system")
+        .filter(|m| m.role == Role::System)
         .map(|m| m.content.as_str())
         .collect();
-    let msgs: Vec<serde_json::Value> = messages
-        .iter()
-        .filter(|m| m.role != "system")
-        .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
-        .collect();
+    let mut msgs: Vec<serde_json::Value> = Vec::new();
+    for m in messages.iter().filter(|m| m.role != Role::System) {
+        match m.role {
+            Role::Tool => {
+                let block = serde_json::json!({
+                    "type": "tool_result",
+                    "tool_use_id": m.tool_call_id,
+                    "content": m.content,
+                });
+                let joins_previous = msgs.last().is_some_and(|last| {
+                    last["role"] == "user"
+                        && last["content"]
+                            .as_array()
+                            .is_some_and(|c| c.iter().all(|b| b["type"] == "tool_result"))
+                });
+                match msgs.last_mut().filter(|_| joins_previous) {
+                    Some(last) => {
+                        if let Some(content) = last["content"].as_array_mut() {
+                            content.push(block);
+                        }
+                    }
+                    None => msgs.push(serde_json::json!({"role": "user", "content": [block]})),
+                }
+            }
+            Role::Assistant if !m.tool_calls.is_empty() => {
+                let mut content = Vec::new();
+                if !m.content.is_empty() {
+                    content.push(serde_json::json!({"type": "text", "text": m.content}));
+                }
+                for c in &m.tool_calls {
+                    content.push(serde_json::json!({
+                        "type": "tool_use",
+                        "id": c.id,
+                        "name": c.name,
+                        "input": crate::arguments_object(&c.arguments),
+                    }));
+                }
+                msgs.push(serde_json::json!({"role": "assistant", "content": content}));
+            }
+            role => msgs.push(serde_json::json!({"role": role.as_str(), "content": m.content})),
+        }
+    }
     let mut body = serde_json::json!({
         "model": model,
         "max_tokens": max_tokens,
@@ -179,6 +223,12 @@ pub fn request_body(model: &str, messages: &[ChatMessage], max_tokens: u32) -> s
     });
     if !system.is_empty() {
         body["system"] = serde_json::Value::String(system.join("\n\n"));
+    }
+    if !tools.is_empty() {
+        body["tools"] = tools
+            .iter()
+            .map(|t| serde_json::json!({"name": t.name, "description": t.description, "input_schema": t.parameters}))
+            .collect();
     }
     body
 }
@@ -298,5 +348,34 @@ mod tests {
                 assert!(!reasoning.is_empty(), "{name}");
             }
         }
+    }
+
+    #[test]
+    fn request_body_carries_tool_use_and_grouped_tool_results() {
+        let (messages, tools) = conversation();
+        let body = request_body("claude-sonnet-4-5", &messages, &tools, 1024);
+        assert_eq!(
+            (body["system"].as_str(), body["max_tokens"].as_u64()),
+            (Some("Be brief."), Some(1024))
+        );
+        let m = body["messages"].as_array().expect("messages");
+        let roles: Vec<&str> = m.iter().filter_map(|x| x["role"].as_str()).collect();
+        assert_eq!(
+            roles,
+            ["user", "assistant", "user", "assistant", "user"],
+            "roles alternate"
+        );
+        assert_eq!(
+            m[1]["content"][0],
+            serde_json::json!({"type":"text","text":"Checking both."})
+        );
+        assert_eq!(
+            m[1]["content"][2]["input"],
+            serde_json::json!({"city":"Oslo"})
+        );
+        let results = m[2]["content"].as_array().expect("results");
+        assert_eq!(results.len(), 2, "both results share one user turn");
+        assert_eq!(results[1]["tool_use_id"], "call_2");
+        assert_eq!(body["tools"][0]["input_schema"]["type"], "object");
     }
 }

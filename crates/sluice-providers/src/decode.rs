@@ -315,6 +315,41 @@ pub(crate) mod testing {
         }
     }
 
+    /// A conversation with every kind of turn: system, user, an assistant turn with text and two
+    /// parallel tool calls, both results, and a follow-up question; and one tool.
+    pub fn conversation() -> (Vec<crate::ChatMessage>, Vec<crate::ToolSpec>) {
+        use crate::{ChatMessage, Role, ToolCall, ToolSpec};
+        let messages = vec![
+            ChatMessage::text(Role::System, "Be brief."),
+            ChatMessage::text(Role::User, "Weather in Paris and Oslo?"),
+            ChatMessage::assistant_calls(
+                "Checking both.",
+                vec![
+                    ToolCall {
+                        id: "call_1".into(),
+                        name: "get_weather".into(),
+                        arguments: "{\"city\":\"Paris\"}".into(),
+                    },
+                    ToolCall {
+                        id: "call_2".into(),
+                        name: "get_weather".into(),
+                        arguments: "{\"city\":\"Oslo\"}".into(),
+                    },
+                ],
+            ),
+            ChatMessage::tool_result("call_1", "get_weather", "{\"c\":18}"),
+            ChatMessage::tool_result("call_2", "get_weather", "{\"c\":9}"),
+            ChatMessage::text(Role::Assistant, "Paris 18, Oslo 9."),
+            ChatMessage::text(Role::User, "Thanks"),
+        ];
+        let tools = vec![ToolSpec {
+            name: "get_weather".into(),
+            description: "Current weather for a city".into(),
+            parameters: serde_json::json!({"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}),
+        }];
+        (messages, tools)
+    }
+
     /// The conformance fixtures beside the checkout, if present.
     pub fn fixtures(dir: &str) -> Option<Vec<(String, Vec<u8>)>> {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

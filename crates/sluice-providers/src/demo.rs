@@ -128,7 +128,7 @@ impl Model for DemoModel {
             .messages
             .iter()
             .rev()
-            .find(|m| m.role == "user")
+            .find(|m| m.role == crate::Role::User)
             .map(|m| m.content.clone())
             .unwrap_or_default();
         let (reasoning, answer) = texts(&question);

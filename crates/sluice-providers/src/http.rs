@@ -19,8 +19,8 @@ use tokio::time::Instant;
 
 use crate::decode::{ByteDecoder, Decoder, Framing};
 use crate::{
-    ChatMessage, Model, ModelEvent, ModelRequest, ModelStream, ProviderError, anthropic, ollama,
-    openai_chat, openai_responses,
+    Model, ModelEvent, ModelRequest, ModelStream, ProviderError, anthropic, ollama, openai_chat,
+    openai_responses,
 };
 
 /// The wire protocol a provider speaks.
@@ -80,12 +80,13 @@ impl WireKind {
         }
     }
 
-    fn body(self, model: &str, messages: &[ChatMessage], max_tokens: u32) -> serde_json::Value {
+    fn body(self, request: &ModelRequest, max_tokens: u32) -> serde_json::Value {
+        let (model, messages, tools) = (&request.model, &request.messages, &request.tools);
         match self {
-            WireKind::OpenAiResponses => openai_responses::request_body(model, messages),
-            WireKind::OpenAiChat => openai_chat::request_body(model, messages),
-            WireKind::Anthropic => anthropic::request_body(model, messages, max_tokens),
-            WireKind::Ollama => ollama::request_body(model, messages),
+            WireKind::OpenAiResponses => openai_responses::request_body(model, messages, tools),
+            WireKind::OpenAiChat => openai_chat::request_body(model, messages, tools),
+            WireKind::Anthropic => anthropic::request_body(model, messages, tools, max_tokens),
+            WireKind::Ollama => ollama::request_body(model, messages, tools),
         }
     }
 }
@@ -212,10 +213,7 @@ impl HttpModel {
 
 impl Model for HttpModel {
     fn stream(&self, request: ModelRequest) -> ModelStream {
-        let body = self
-            .spec
-            .kind
-            .body(&request.model, &request.messages, self.spec.max_tokens);
+        let body = self.spec.kind.body(&request, self.spec.max_tokens);
         let call = Call {
             spec: self.spec.clone(),
             client: self.client.clone(),

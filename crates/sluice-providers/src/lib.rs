@@ -23,12 +23,100 @@ use sluice_protocol::{ErrorCode, Usage};
 
 pub use demo::{DemoConfig, DemoModel};
 
+/// Who said a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+    /// A tool's result, answering one of the assistant's calls.
+    Tool,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "system" => Some(Role::System),
+            "user" => Some(Role::User),
+            "assistant" => Some(Role::Assistant),
+            "tool" => Some(Role::Tool),
+            _ => None,
+        }
+    }
+}
+
+/// A function call the model made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    /// The arguments as the model wrote them (JSON text).
+    pub arguments: String,
+}
+
 /// One turn of the conversation sent to the model.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChatMessage {
-    /// `system`, `user` or `assistant`.
-    pub role: String,
+    pub role: Role,
+    /// The text (for a tool message: its result, usually JSON).
     pub content: String,
+    /// For an assistant message: the calls it made.
+    pub tool_calls: Vec<ToolCall>,
+    /// For a tool message: the call it answers, and that call's tool.
+    pub tool_call_id: Option<String>,
+    pub tool_name: Option<String>,
+}
+
+impl ChatMessage {
+    /// A plain text message.
+    pub fn text(role: Role, content: impl Into<String>) -> Self {
+        ChatMessage {
+            role,
+            content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+            tool_name: None,
+        }
+    }
+
+    /// An assistant turn that called tools (with whatever text came before the calls).
+    pub fn assistant_calls(content: impl Into<String>, calls: Vec<ToolCall>) -> Self {
+        ChatMessage {
+            tool_calls: calls,
+            ..ChatMessage::text(Role::Assistant, content)
+        }
+    }
+
+    /// A tool's result.
+    pub fn tool_result(
+        call_id: impl Into<String>,
+        tool: impl Into<String>,
+        result: impl Into<String>,
+    ) -> Self {
+        ChatMessage {
+            tool_call_id: Some(call_id.into()),
+            tool_name: Some(tool.into()),
+            ..ChatMessage::text(Role::Tool, result)
+        }
+    }
+}
+
+/// A tool offered to the model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolSpec {
+    pub name: String,
+    pub description: String,
+    /// JSON Schema of the arguments.
+    pub parameters: serde_json::Value,
 }
 
 /// What a run asks of a model.
@@ -36,8 +124,19 @@ pub struct ChatMessage {
 pub struct ModelRequest {
     /// The model name within its provider (`demo`, `gpt-5`, …).
     pub model: String,
-    /// The thread so far, oldest first, ending with the new user message.
+    /// The thread so far, oldest first, ending with the new user message (or tool results).
     pub messages: Vec<ChatMessage>,
+    /// The tools the model may call.
+    pub tools: Vec<ToolSpec>,
+}
+
+/// Parses a call's arguments for the providers that want a JSON object rather than text;
+/// unparseable arguments are sent as an empty object (the model's own text is still in the history).
+pub(crate) fn arguments_object(arguments: &str) -> serde_json::Value {
+    match serde_json::from_str::<serde_json::Value>(arguments) {
+        Ok(v @ serde_json::Value::Object(_)) => v,
+        _ => serde_json::Value::Object(Default::default()),
+    }
 }
 
 /// A piece of model output, in the order the provider produced it.

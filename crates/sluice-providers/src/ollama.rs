@@ -6,7 +6,7 @@
 use sluice_protocol::{ErrorCode, Usage};
 
 use crate::decode::{Decoder, Flow, parse_json, str_field, u64_at};
-use crate::{ChatMessage, ModelEvent, ProviderError};
+use crate::{ChatMessage, ModelEvent, ProviderError, Role, ToolSpec};
 
 #[derive(Debug, Default)]
 pub struct OllamaDecoder {
@@ -103,12 +103,38 @@ impl Decoder for OllamaDecoder {
     }
 }
 
-pub fn request_body(model: &str, messages: &[ChatMessage]) -> serde_json::Value {
+/// The request body: tool calls with their arguments as objects, tool results as `tool` messages
+/// naming their tool, tools in the OpenAI function form.
+pub fn request_body(
+    model: &str,
+    messages: &[ChatMessage],
+    tools: &[ToolSpec],
+) -> serde_json::Value {
     let messages: Vec<serde_json::Value> = messages
         .iter()
-        .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+        .map(|m| match m.role {
+            Role::Tool => serde_json::json!({"role": "tool", "content": m.content, "tool_name": m.tool_name}),
+            Role::Assistant if !m.tool_calls.is_empty() => serde_json::json!({
+                "role": "assistant",
+                "content": m.content,
+                "tool_calls": m.tool_calls.iter().map(|c| serde_json::json!({
+                    "function": {"name": c.name, "arguments": crate::arguments_object(&c.arguments)},
+                })).collect::<Vec<_>>(),
+            }),
+            role => serde_json::json!({"role": role.as_str(), "content": m.content}),
+        })
         .collect();
-    serde_json::json!({"model": model, "messages": messages, "stream": true})
+    let mut body = serde_json::json!({"model": model, "messages": messages, "stream": true});
+    if !tools.is_empty() {
+        body["tools"] = tools
+            .iter()
+            .map(|t| serde_json::json!({
+                "type": "function",
+                "function": {"name": t.name, "description": t.description, "parameters": t.parameters},
+            }))
+            .collect();
+    }
+    body
 }
 
 #[cfg(test)]
@@ -198,5 +224,21 @@ mod tests {
                 assert!(!text.is_empty(), "{name}");
             }
         }
+    }
+
+    #[test]
+    fn request_body_carries_tool_calls_as_objects_and_named_results() {
+        let (messages, tools) = conversation();
+        let body = request_body("llama3.2", &messages, &tools);
+        let m = body["messages"].as_array().expect("messages");
+        assert_eq!(
+            m[2]["tool_calls"][0]["function"]["arguments"],
+            serde_json::json!({"city":"Paris"})
+        );
+        assert_eq!(
+            m[4],
+            serde_json::json!({"role":"tool","content":"{\"c\":9}","tool_name":"get_weather"})
+        );
+        assert_eq!(body["tools"][0]["function"]["name"], "get_weather");
     }
 }

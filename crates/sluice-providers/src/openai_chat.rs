@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use sluice_protocol::Usage;
 
 use crate::decode::{Decoder, Flow, error_from, parse_json, str_field, u64_at};
-use crate::{ChatMessage, ModelEvent, ProviderError};
+use crate::{ChatMessage, ModelEvent, ProviderError, Role, ToolSpec};
 
 #[derive(Debug, Default)]
 struct Call {
@@ -150,18 +150,49 @@ impl Decoder for ChatDecoder {
     }
 }
 
-/// The request body.
-pub fn request_body(model: &str, messages: &[ChatMessage]) -> serde_json::Value {
+/// The request body: the conversation with its tool calls and results in Chat Completions form,
+/// and the tools as `{"type":"function","function":{…}}`.
+pub fn request_body(
+    model: &str,
+    messages: &[ChatMessage],
+    tools: &[ToolSpec],
+) -> serde_json::Value {
     let messages: Vec<serde_json::Value> = messages
         .iter()
-        .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+        .map(|m| match m.role {
+            Role::Tool => serde_json::json!({
+                "role": "tool",
+                "tool_call_id": m.tool_call_id,
+                "content": m.content,
+            }),
+            Role::Assistant if !m.tool_calls.is_empty() => serde_json::json!({
+                "role": "assistant",
+                "content": if m.content.is_empty() { serde_json::Value::Null } else { m.content.clone().into() },
+                "tool_calls": m.tool_calls.iter().map(|c| serde_json::json!({
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments},
+                })).collect::<Vec<_>>(),
+            }),
+            role => serde_json::json!({"role": role.as_str(), "content": m.content}),
+        })
         .collect();
-    serde_json::json!({
+    let mut body = serde_json::json!({
         "model": model,
         "messages": messages,
         "stream": true,
         "stream_options": {"include_usage": true},
-    })
+    });
+    if !tools.is_empty() {
+        body["tools"] = tools
+            .iter()
+            .map(|t| serde_json::json!({
+                "type": "function",
+                "function": {"name": t.name, "description": t.description, "parameters": t.parameters},
+            }))
+            .collect();
+    }
+    body
 }
 
 #[cfg(test)]
@@ -303,5 +334,34 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn request_body_carries_tool_calls_results_and_tools() {
+        let (messages, tools) = conversation();
+        let body = request_body("gpt-4o", &messages, &tools);
+        assert_eq!(body["stream"], true);
+        assert_eq!(body["stream_options"]["include_usage"], true);
+        let m = body["messages"].as_array().expect("messages");
+        assert_eq!(m.len(), 7);
+        assert_eq!(
+            m[0],
+            serde_json::json!({"role":"system","content":"Be brief."})
+        );
+        assert_eq!(m[2]["content"], "Checking both.");
+        assert_eq!(m[2]["tool_calls"][1]["id"], "call_2");
+        assert_eq!(
+            m[2]["tool_calls"][1]["function"]["arguments"],
+            "{\"city\":\"Oslo\"}"
+        );
+        assert_eq!(
+            m[3],
+            serde_json::json!({"role":"tool","tool_call_id":"call_1","content":"{\"c\":18}"})
+        );
+        assert_eq!(body["tools"][0]["function"]["name"], "get_weather");
+        assert_eq!(
+            body["tools"][0]["function"]["parameters"]["required"][0],
+            "city"
+        );
     }
 }

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use sluice_protocol::{ErrorCode, Usage};
 
 use crate::decode::{Decoder, Flow, classify, parse_json, str_field, u64_at};
-use crate::{ChatMessage, ModelEvent, ProviderError};
+use crate::{ChatMessage, ModelEvent, ProviderError, Role, ToolSpec};
 
 #[derive(Debug)]
 struct Call {
@@ -197,21 +197,58 @@ impl Decoder for ResponsesDecoder {
     }
 }
 
-/// The request body. System messages become `instructions`.
-pub fn request_body(model: &str, messages: &[ChatMessage]) -> serde_json::Value {
+/// The request body. System messages become `instructions`; an assistant's tool calls become
+/// `function_call` items and tool results `function_call_output` items; tools are flat
+/// `{"type":"function","name",…}` objects.
+pub fn request_body(
+    model: &str,
+    messages: &[ChatMessage],
+    tools: &[ToolSpec],
+) -> serde_json::Value {
     let instructions: Vec<&str> = messages
         .iter()
-        .filter(|m| m.role == "system")
+        .filter(|m| m.role == Role::System)
         .map(|m| m.content.as_str())
         .collect();
-    let input: Vec<serde_json::Value> = messages
-        .iter()
-        .filter(|m| m.role != "system")
-        .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
-        .collect();
+    let mut input: Vec<serde_json::Value> = Vec::new();
+    for m in messages.iter().filter(|m| m.role != Role::System) {
+        match m.role {
+            Role::Tool => input.push(serde_json::json!({
+                "type": "function_call_output",
+                "call_id": m.tool_call_id,
+                "output": m.content,
+            })),
+            _ => {
+                if !m.content.is_empty() || m.tool_calls.is_empty() {
+                    input.push(serde_json::json!({"role": m.role.as_str(), "content": m.content}));
+                }
+                for c in &m.tool_calls {
+                    input.push(serde_json::json!({
+                        "type": "function_call",
+                        "call_id": c.id,
+                        "name": c.name,
+                        "arguments": c.arguments,
+                    }));
+                }
+            }
+        }
+    }
     let mut body = serde_json::json!({"model": model, "input": input, "stream": true});
     if !instructions.is_empty() {
         body["instructions"] = serde_json::Value::String(instructions.join("\n\n"));
+    }
+    if !tools.is_empty() {
+        body["tools"] = tools
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "type": "function",
+                    "name": t.name,
+                    "description": t.description,
+                    "parameters": t.parameters,
+                })
+            })
+            .collect();
     }
     body
 }
@@ -342,5 +379,44 @@ mod tests {
                 assert!(!reasoning.is_empty(), "{name}");
             }
         }
+    }
+
+    #[test]
+    fn request_body_carries_function_calls_outputs_and_tools() {
+        let (messages, tools) = conversation();
+        let body = request_body("gpt-5", &messages, &tools);
+        assert_eq!(body["instructions"], "Be brief.");
+        let input = body["input"].as_array().expect("input");
+        let kinds: Vec<String> = input
+            .iter()
+            .map(|i| {
+                i["type"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| i["role"].as_str().unwrap_or("?").to_string())
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "user",
+                "assistant",
+                "function_call",
+                "function_call",
+                "function_call_output",
+                "function_call_output",
+                "assistant",
+                "user"
+            ]
+        );
+        assert_eq!(input[2]["call_id"], "call_1");
+        assert_eq!(
+            input[5],
+            serde_json::json!({"type":"function_call_output","call_id":"call_2","output":"{\"c\":9}"})
+        );
+        assert_eq!(
+            body["tools"][0],
+            serde_json::json!({"type":"function","name":"get_weather","description":"Current weather for a city","parameters":tools[0].parameters})
+        );
     }
 }

@@ -181,6 +181,7 @@ impl Model for Fallback {
             current: Option<ModelStream>,
             produced: bool,
             messages: Vec<crate::ChatMessage>,
+            tools: Vec<crate::ToolSpec>,
         }
         let state = State {
             chain: self.chain.clone(),
@@ -188,6 +189,7 @@ impl Model for Fallback {
             current: None,
             produced: false,
             messages: request.messages,
+            tools: request.tools,
         };
         Box::pin(stream::unfold(state, |mut st| async move {
             loop {
@@ -197,6 +199,7 @@ impl Model for Fallback {
                     st.current = Some(r.model.stream(ModelRequest {
                         model: r.upstream,
                         messages: st.messages.clone(),
+                        tools: st.tools.clone(),
                     }));
                 }
                 let current = st.current.as_mut()?;
