@@ -11,6 +11,8 @@
 pub mod event_log;
 pub mod metrics;
 mod run;
+pub mod schema;
+pub mod tools;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -28,6 +30,7 @@ use tokio_util::task::TaskTracker;
 
 pub use event_log::{Coalesce, EventLog, Subscription};
 pub use metrics::Metrics;
+pub use tools::{Tool, ToolContext, ToolRegistry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -76,6 +79,8 @@ pub struct EngineConfig {
     pub max_content_bytes: usize,
     /// The most unfinished (running or queued) runs one owner may have; 0 = no limit.
     pub max_active_runs_per_owner: usize,
+    /// The most model calls in one run (each step runs the tools the model called, then calls it again).
+    pub max_steps: u32,
 }
 
 impl Default for EngineConfig {
@@ -86,6 +91,7 @@ impl Default for EngineConfig {
             retention: Duration::from_secs(60),
             max_content_bytes: 256 * 1024,
             max_active_runs_per_owner: 0,
+            max_steps: 8,
         }
     }
 }
@@ -167,6 +173,7 @@ impl RunHandle {
 pub(crate) struct Inner {
     store: Arc<dyn Store>,
     models: Arc<dyn ModelCatalog>,
+    tools: Arc<ToolRegistry>,
     config: EngineConfig,
     /// Runs in memory by id.
     runs: Mutex<HashMap<Arc<str>, Arc<RunHandle>>>,
@@ -193,12 +200,14 @@ impl Engine {
     pub fn new(
         store: Arc<dyn Store>,
         models: Arc<dyn ModelCatalog>,
+        tools: Arc<ToolRegistry>,
         config: EngineConfig,
         metrics: Arc<Metrics>,
     ) -> Self {
         let inner = Arc::new(Inner {
             store,
             models,
+            tools,
             config,
             runs: Mutex::new(HashMap::new()),
             known_threads: Mutex::new(HashMap::new()),

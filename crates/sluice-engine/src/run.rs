@@ -5,12 +5,17 @@
 //! arrives, and ends with exactly one terminal event. Every await on the model also waits on the
 //! run's cancellation token; cancelling drops the model stream, which closes the upstream request.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
 use sluice_protocol::api::{MessageStatus, RunStatus};
 use sluice_protocol::{ErrorCode, ErrorInfo, EventBody, Frame, Usage};
-use sluice_providers::{ChatMessage, Model, ModelEvent, ModelRequest, Role};
+use sluice_providers::{ChatMessage, Model, ModelEvent, ModelRequest, Role, ToolCall};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::tools::{CallProgress, ToolContext};
 use sluice_store::RunEnd;
 use tokio::time::Instant;
 
@@ -32,6 +37,14 @@ pub(crate) struct RunTask {
     pub content: String,
     /// When the run was accepted: the zero of time to first token.
     pub accepted: Instant,
+}
+
+/// What one model call produced: its text, its calls, and (once they ran) their results.
+#[derive(Default)]
+struct Turn {
+    text: String,
+    calls: Vec<ToolCall>,
+    results: Vec<ChatMessage>,
 }
 
 /// How the model part of a run ended.
@@ -207,66 +220,210 @@ impl RunTask {
         if cancel.is_cancelled() {
             return Ending::Stopped;
         }
-        let messages = match self.history().await {
+        let mut messages = match self.history().await {
             Ok(m) => m,
             Err(error) => return Ending::Failed(error),
         };
-        tracing::debug!(run_id = %self.handle.id, since_accepted_us = self.accepted.elapsed().as_micros() as u64, "calling the model");
-        let mut stream = self.model.stream(ModelRequest {
-            model: self.upstream_model.clone(),
-            messages,
-            tools: Vec::new(),
-        });
-        loop {
-            let item = tokio::select! {
+        let tools = self.inner.tools.specs();
+        let max_steps = self.inner.config.max_steps.max(1);
+        for step in 1..=max_steps {
+            tracing::debug!(run_id = %self.handle.id, step, since_accepted_us = self.accepted.elapsed().as_micros() as u64, "calling the model");
+            let stream = self.model.stream(ModelRequest {
+                model: self.upstream_model.clone(),
+                messages: messages.clone(),
+                tools: tools.clone(),
+            });
+            let turn = match self.step(stream, out, usage, ttft, stop_reason).await {
+                Ok(turn) => turn,
+                Err(ending) => return ending,
+            };
+            if turn.calls.is_empty() {
+                return Ending::Completed;
+            }
+            // The model called tools: their results go back to it for the next step.
+            messages.push(ChatMessage::assistant_calls(turn.text, turn.calls));
+            messages.extend(turn.results);
+            if step == max_steps {
+                tracing::warn!(run_id = %self.handle.id, max_steps, "run stopped at its step limit");
+                *stop_reason = Some("max_steps".into());
+            }
+        }
+        Ending::Completed
+    }
+
+    /// One model call: streams its events while running every function call as soon as its
+    /// arguments are complete (calls that come together run concurrently), and waits for the calls
+    /// before returning. Only this task appends: tools report progress through a channel.
+    async fn step(
+        &self,
+        mut stream: sluice_providers::ModelStream,
+        out: &mut Appender,
+        usage: &mut Usage,
+        ttft: &mut Option<f64>,
+        stop_reason: &mut Option<String>,
+    ) -> Result<Turn, Ending> {
+        let cancel = self.handle.cancel.clone();
+        let mut turn = Turn::default();
+        let mut results: HashMap<String, ChatMessage> = HashMap::new();
+        // Dropping the set (on cancel or failure) aborts every running call.
+        let mut running: JoinSet<(String, String, Result<serde_json::Value, String>)> =
+            JoinSet::new();
+        let (progress_tx, mut progress_rx) = mpsc::channel::<CallProgress>(64);
+        let mut model_done = false;
+        while !(model_done && running.is_empty()) {
+            tokio::select! {
                 biased;
-                _ = cancel.cancelled() => return Ending::Stopped,
-                item = stream.next() => item,
-            };
-            let event = match item {
-                None => return Ending::Completed,
-                Some(Ok(event)) => event,
-                Some(Err(err)) => return Ending::Failed(ErrorInfo::new(err.code, err.message)),
-            };
-            let body = match event {
-                ModelEvent::ReasoningDelta(delta) => {
-                    ttft.get_or_insert_with(|| self.first_token());
-                    EventBody::ReasoningDelta { delta }
+                _ = cancel.cancelled() => return Err(Ending::Stopped),
+                Some(p) = progress_rx.recv() => out.append(&EventBody::ToolExecutionProgress {
+                    call_id: p.call_id,
+                    tool_name: p.tool_name,
+                    step: p.progress.step,
+                    fraction: p.progress.fraction,
+                    message: p.progress.message,
+                }),
+                Some(joined) = running.join_next(), if !running.is_empty() => {
+                    let (call_id, tool_name, result) = match joined {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::error!(run_id = %self.handle.id, error = %e, "a tool task panicked");
+                            continue;
+                        }
+                    };
+                    let message = self.finish_call(out, &call_id, &tool_name, result);
+                    results.insert(call_id, message);
                 }
-                ModelEvent::TextDelta(delta) => {
-                    ttft.get_or_insert_with(|| self.first_token());
-                    EventBody::TextDelta { delta }
+                item = stream.next(), if !model_done => {
+                    let event = match item {
+                        None => {
+                            model_done = true;
+                            continue;
+                        }
+                        Some(Ok(event)) => event,
+                        Some(Err(err)) => return Err(Ending::Failed(ErrorInfo::new(err.code, err.message))),
+                    };
+                    let body = match event {
+                        ModelEvent::ReasoningDelta(delta) => {
+                            ttft.get_or_insert_with(|| self.first_token());
+                            EventBody::ReasoningDelta { delta }
+                        }
+                        ModelEvent::TextDelta(delta) => {
+                            ttft.get_or_insert_with(|| self.first_token());
+                            turn.text.push_str(&delta);
+                            EventBody::TextDelta { delta }
+                        }
+                        ModelEvent::ReasoningDone => EventBody::ReasoningDone {},
+                        ModelEvent::TextDone => EventBody::TextDone {},
+                        ModelEvent::FunctionCallDelta { call_id, name, delta } => {
+                            EventBody::FunctionCallDelta { call_id, name, delta }
+                        }
+                        ModelEvent::FunctionCallDone { call_id, name, arguments } => {
+                            out.append(&EventBody::FunctionCallDone {
+                                call_id: call_id.clone(),
+                                name: name.clone(),
+                                arguments: arguments.clone(),
+                            });
+                            turn.calls.push(ToolCall { id: call_id.clone(), name: name.clone(), arguments: arguments.clone() });
+                            if let Some(rejected) = self.start_call(out, &mut running, &progress_tx, call_id.clone(), name, &arguments) {
+                                results.insert(call_id, rejected);
+                            }
+                            continue;
+                        }
+                        ModelEvent::StopReason(reason) => {
+                            *stop_reason = Some(reason);
+                            continue;
+                        }
+                        ModelEvent::Usage(u) => {
+                            usage.input_tokens += u.input_tokens;
+                            usage.output_tokens += u.output_tokens;
+                            usage.reasoning_tokens += u.reasoning_tokens;
+                            usage.total_tokens += u.total_tokens;
+                            EventBody::Usage { usage: u }
+                        }
+                    };
+                    out.append(&body);
                 }
-                ModelEvent::ReasoningDone => EventBody::ReasoningDone {},
-                ModelEvent::TextDone => EventBody::TextDone {},
-                ModelEvent::FunctionCallDelta {
-                    call_id,
-                    name,
-                    delta,
-                } => EventBody::FunctionCallDelta {
-                    call_id,
-                    name,
-                    delta,
-                },
-                ModelEvent::FunctionCallDone {
-                    call_id,
-                    name,
-                    arguments,
-                } => EventBody::FunctionCallDone {
-                    call_id,
-                    name,
-                    arguments,
-                },
-                ModelEvent::StopReason(reason) => {
-                    *stop_reason = Some(reason);
-                    continue;
-                }
-                ModelEvent::Usage(u) => {
-                    *usage = u;
-                    EventBody::Usage { usage: u }
-                }
-            };
-            out.append(&body);
+            }
+        }
+        // Results in the order of the calls, as the providers expect.
+        turn.results = turn
+            .calls
+            .iter()
+            .filter_map(|c| results.remove(&c.id))
+            .collect();
+        Ok(turn)
+    }
+
+    /// Validates a call and starts it. Answers the result message at once when the call cannot
+    /// run (unknown tool, invalid arguments): the model sees why and can correct itself.
+    fn start_call(
+        &self,
+        out: &mut Appender,
+        running: &mut JoinSet<(String, String, Result<serde_json::Value, String>)>,
+        progress: &mpsc::Sender<CallProgress>,
+        call_id: String,
+        name: String,
+        arguments: &str,
+    ) -> Option<ChatMessage> {
+        out.append(&EventBody::ToolExecutionStarted {
+            call_id: call_id.clone(),
+            tool_name: name.clone(),
+        });
+        let Some(tool) = self.inner.tools.get(&name).cloned() else {
+            let err = format!("there is no tool named {name:?}");
+            return Some(self.finish_call(out, &call_id, &name, Err(err)));
+        };
+        let args: serde_json::Value = match serde_json::from_str(arguments) {
+            Ok(v) => v,
+            Err(e) => {
+                let err = format!("the arguments are not valid JSON: {e}");
+                return Some(self.finish_call(out, &call_id, &name, Err(err)));
+            }
+        };
+        if let Err(errors) = crate::schema::validate(&tool.spec().parameters, &args) {
+            let err = format!("invalid arguments: {}", errors.join("; "));
+            return Some(self.finish_call(out, &call_id, &name, Err(err)));
+        }
+        let ctx = ToolContext::new(
+            self.handle.id.clone(),
+            call_id.clone(),
+            name.clone(),
+            progress.clone(),
+            self.handle.cancel.child_token(),
+        );
+        running.spawn(async move {
+            let result = tool.call(args, ctx).await;
+            (call_id, name, result)
+        });
+        None
+    }
+
+    /// Appends a call's outcome and answers the tool message that carries it back to the model.
+    fn finish_call(
+        &self,
+        out: &mut Appender,
+        call_id: &str,
+        tool_name: &str,
+        result: Result<serde_json::Value, String>,
+    ) -> ChatMessage {
+        match result {
+            Ok(value) => {
+                let content = value.to_string();
+                out.append(&EventBody::ToolExecutionCompleted {
+                    call_id: call_id.to_string(),
+                    tool_name: tool_name.to_string(),
+                    result: value,
+                });
+                ChatMessage::tool_result(call_id, tool_name, content)
+            }
+            Err(message) => {
+                out.append(&EventBody::ToolExecutionFailed {
+                    call_id: call_id.to_string(),
+                    tool_name: tool_name.to_string(),
+                    error: ErrorInfo::new(ErrorCode::ToolError, message.clone()),
+                });
+                let content = serde_json::json!({ "error": message }).to_string();
+                ChatMessage::tool_result(call_id, tool_name, content)
+            }
         }
     }
 

@@ -18,7 +18,13 @@
 //! | `times` | apply the status fault to the first N requests of this model name only | always |
 //! | `after` | tokens sent before `drop`, `malformed` or `stall` | 0 |
 //! | `echo_auth` | `1`: the status fault's message quotes the credentials received, as some providers do | 0 |
+//! | `bad_args` | `1`: the first call's arguments break its schema (`query` is a number) | 0 |
 //! | `id` | a label with no effect but to make a model name (and so its `times` count) unique | |
+//!
+//! Tools make it a multi-step model: a request whose conversation already holds tool results is
+//! answered with text that says how many results it got (`Using 2 results. tok0 …`) and no calls;
+//! with `bad_args=1`, a conversation holding only the first round of results (one of them the
+//! error) is answered with one corrected call first.
 //!
 //! `GET /sim/stats` reports requests, streams in progress, streams completed, and streams whose
 //! client went away before the end (how tests see that a cancel closed the upstream connection).
@@ -69,6 +75,11 @@ pub struct Scenario {
     times: Option<u32>,
     after: u32,
     echo_auth: bool,
+    bad_args: bool,
+    /// The answer's tokens, decided per request (a follow-up after tool results answers differently).
+    answer: Vec<String>,
+    /// The calls to make: (call id, arguments).
+    calls: Vec<(String, String)>,
 }
 
 impl Scenario {
@@ -85,6 +96,9 @@ impl Scenario {
             times: None,
             after: 0,
             echo_auth: false,
+            bad_args: false,
+            answer: Vec::new(),
+            calls: Vec::new(),
         };
         let Some((_, query)) = model.split_once('?') else {
             return Ok(s);
@@ -108,6 +122,7 @@ impl Scenario {
                 "after" => s.after = num()? as u32,
                 "id" => {}
                 "echo_auth" => s.echo_auth = v == "1",
+                "bad_args" => s.bad_args = v == "1",
                 "fault" => {
                     s.fault = match v {
                         "none" => Fault::None,
@@ -247,6 +262,8 @@ async fn handle(
         }
         return resp;
     }
+    let mut scenario = scenario;
+    plan(&mut scenario, &String::from_utf8_lossy(&body));
     stats.active.fetch_add(1, Ordering::Relaxed);
     let guard = StreamGuard {
         stats: stats.clone(),
@@ -273,6 +290,48 @@ fn tokio_stream_from(
     futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     })
+}
+
+/// Decides the answer and the calls from what the conversation holds so far.
+fn plan(sc: &mut Scenario, body: &str) {
+    // Sluice writes compact JSON, so each tool result carries exactly one of these markers.
+    let results = [
+        "\"role\":\"tool\"",
+        "\"type\":\"function_call_output\"",
+        "\"type\":\"tool_result\"",
+    ]
+    .iter()
+    .map(|m| body.matches(m).count() as u32)
+    .sum::<u32>();
+    let args = |i: u32| format!("{{\"query\":\"item {i}\",\"limit\":{i}}}");
+    let toks = |n: u32| (0..n).map(|t| format!("tok{t} ")).collect::<Vec<_>>();
+    if results == 0 {
+        sc.answer = toks(sc.tokens);
+        sc.calls = (0..sc.tools)
+            .map(|i| {
+                let a = if sc.bad_args && i == 0 {
+                    "{\"query\":5}".to_string()
+                } else {
+                    args(i)
+                };
+                (format!("call_{i}"), a)
+            })
+            .collect();
+    } else if sc.bad_args && results == sc.tools {
+        sc.answer = ["Retrying ", "with ", "valid ", "arguments. "]
+            .map(String::from)
+            .to_vec();
+        sc.calls = vec![("call_retry".to_string(), args(0))];
+    } else {
+        sc.answer = vec![
+            "Using ".to_string(),
+            format!("{results} "),
+            "results. ".to_string(),
+        ];
+        sc.answer.extend(toks(sc.tokens));
+        sc.calls = Vec::new();
+    }
+    sc.tokens = sc.answer.len() as u32;
 }
 
 /// Writes the scripted stream; ends early when the client goes away (a send fails).
@@ -345,23 +404,23 @@ async fn produce(
             if t == 0 {
                 emit!(w.text_start());
             }
-            emit!(w.text_delta(&format!("tok{t} ")));
+            emit!(w.text_delta(&sc.answer[t as usize]));
             if t + 1 == sc.tokens {
                 emit!(w.text_done());
             }
         }
     }
-    for call in 0..sc.tools {
-        emit!(w.tool_start(call));
-        let args = format!("{{\"query\":\"item {call}\",\"limit\":{call}}}");
-        let pieces = split_in(&args, 4);
-        for p in pieces {
-            emit!(w.tool_delta(call, p));
+    for (i, (call_id, args)) in sc.calls.iter().enumerate() {
+        let i = i as u32;
+        emit!(w.tool_start(i, call_id));
+        for p in split_in(args, 4) {
+            emit!(w.tool_delta(i, p));
         }
-        emit!(w.tool_done(call, &args));
+        emit!(w.tool_done(i, call_id, args));
     }
-    let stop = if sc.tools > 0 { "tool_calls" } else { "stop" };
-    emit!(w.finish(stop, sc.tokens, sc.reasoning, sc.tools > 0));
+    let calls = !sc.calls.is_empty();
+    let stop = if calls { "tool_calls" } else { "stop" };
+    emit!(w.finish(stop, sc.tokens, sc.reasoning, calls));
     guard.finished = true;
 }
 
@@ -522,19 +581,19 @@ impl Writer<'_> {
         }
     }
 
-    fn tool_start(&self, i: u32) -> String {
+    fn tool_start(&self, i: u32, call_id: &str) -> String {
         match self.dialect {
             Dialect::Responses => self.typed(
                 "response.output_item.added",
-                json!({"item":{"id":format!("fc_{i}"),"type":"function_call","call_id":format!("call_{i}"),"name":"lookup","arguments":""}}),
+                json!({"item":{"id":format!("fc_{i}"),"type":"function_call","call_id":call_id,"name":"lookup","arguments":""}}),
             ),
             Dialect::Chat => self.chat_chunk(
-                json!({"tool_calls":[{"index":i,"id":format!("call_{i}"),"type":"function","function":{"name":"lookup","arguments":""}}]}),
+                json!({"tool_calls":[{"index":i,"id":call_id,"type":"function","function":{"name":"lookup","arguments":""}}]}),
                 None,
             ),
             Dialect::Anthropic => self.typed(
                 "content_block_start",
-                json!({"index":2+i,"content_block":{"type":"tool_use","id":format!("call_{i}"),"name":"lookup","input":{}}}),
+                json!({"index":2+i,"content_block":{"type":"tool_use","id":call_id,"name":"lookup","input":{}}}),
             ),
             Dialect::Ollama => String::new(),
         }
@@ -558,7 +617,7 @@ impl Writer<'_> {
         }
     }
 
-    fn tool_done(&self, i: u32, args: &str) -> String {
+    fn tool_done(&self, i: u32, call_id: &str, args: &str) -> String {
         match self.dialect {
             Dialect::Responses => self.typed(
                 "response.function_call_arguments.done",
@@ -567,7 +626,7 @@ impl Writer<'_> {
             Dialect::Anthropic => self.typed("content_block_stop", json!({"index":2+i})),
             Dialect::Ollama => {
                 let parsed: serde_json::Value = serde_json::from_str(args).unwrap_or_default();
-                self.ollama_line(json!({"role":"assistant","content":"","tool_calls":[{"function":{"name":"lookup","arguments":parsed}}]}))
+                self.ollama_line(json!({"role":"assistant","content":"","tool_calls":[{"id":call_id,"function":{"name":"lookup","arguments":parsed}}]}))
             }
             Dialect::Chat => String::new(),
         }

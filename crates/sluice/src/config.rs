@@ -53,6 +53,8 @@ pub struct FileConfig {
     pub max_content_bytes: Option<usize>,
     /// The most unfinished runs one owner (API key) may have; 0 = no limit.
     pub max_active_runs_per_owner: Option<usize>,
+    /// The most model calls in one run (tool calls, then the model again).
+    pub max_steps: Option<u32>,
     /// Seconds a finished run's log stays in memory for replay.
     pub retention_secs: Option<u64>,
     #[serde(default)]
@@ -129,6 +131,8 @@ pub struct Config {
     /// Upstream providers (besides the demo model).
     pub providers: Vec<ProviderSpec>,
     pub aliases: Vec<(String, Alias)>,
+    /// Tools offered to models (built in or registered by an embedding program).
+    pub tools: sluice_engine::ToolRegistry,
 }
 
 pub fn load(args: &ServeArgs) -> anyhow::Result<Config> {
@@ -193,6 +197,7 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Config> {
         max_active_runs_per_owner: file
             .max_active_runs_per_owner
             .unwrap_or(defaults.max_active_runs_per_owner),
+        max_steps: file.max_steps.unwrap_or(defaults.max_steps),
     };
     let http = HttpConfig {
         heartbeat: Duration::from_millis(heartbeat_ms),
@@ -237,6 +242,7 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Config> {
         http,
         providers: providers.into_values().collect(),
         aliases,
+        tools: sluice_engine::ToolRegistry::new(),
     })
 }
 

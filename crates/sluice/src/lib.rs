@@ -84,7 +84,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     );
     let models: Arc<dyn ModelCatalog> = Arc::new(registry);
     let metrics = Arc::new(Metrics::default());
-    let engine = Engine::new(store, models, config.engine.clone(), metrics);
+    let tools = Arc::new(config.tools.clone());
+    let engine = Engine::new(store, models, tools, config.engine.clone(), metrics);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod agent;
 mod api;
 mod process;
 mod providers;
@@ -29,6 +30,8 @@ pub struct Opts {
     pub providers: Vec<sluice_providers::http::ProviderSpec>,
     pub aliases: Vec<(String, sluice_providers::registry::Alias)>,
     pub default_model: Option<String>,
+    pub tools: sluice_engine::ToolRegistry,
+    pub max_steps: u32,
 }
 
 impl Default for Opts {
@@ -44,6 +47,8 @@ impl Default for Opts {
             providers: Vec::new(),
             aliases: Vec::new(),
             default_model: None,
+            tools: sluice_engine::ToolRegistry::new(),
+            max_steps: 8,
         }
     }
 }
@@ -70,6 +75,7 @@ impl TestServer {
                 retention: opts.retention,
                 max_active_runs_per_owner: opts.max_runs_per_owner,
                 default_model: opts.default_model.unwrap_or_else(|| "demo".into()),
+                max_steps: opts.max_steps,
                 ..EngineConfig::default()
             },
             http: HttpConfig {
@@ -78,6 +84,7 @@ impl TestServer {
             },
             providers: opts.providers,
             aliases: opts.aliases,
+            tools: opts.tools,
         };
         let running = sluice::start(config).await.expect("server starts");
         let url = running.url();

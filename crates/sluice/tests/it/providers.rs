@@ -69,9 +69,11 @@ async fn server_with_simulator(aliases: Vec<(String, Alias)>) -> (TestServer, St
     slow.timeouts.first_token = Duration::from_millis(300);
     slow.retry.max_retries = 0;
     providers.push(slow);
+    // One model call per run: these tests are about the wire protocols, not the tool loop.
     let server = TestServer::start(Opts {
         providers,
         aliases,
+        max_steps: 1,
         ..Opts::default()
     })
     .await;

@@ -1,0 +1,120 @@
+//! Tools the model may call, and how a call runs.
+//!
+//! A [`Tool`] gets its validated arguments and a [`ToolContext`] through which it reports progress
+//! and learns of cancellation. Calls run in tasks owned by the run's task (dropping them aborts
+//! them); their progress goes back to the run's task through a channel, because only the run's
+//! task appends to the log (one writer, one order).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde_json::Value;
+use sluice_providers::ToolSpec;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// A step a running tool reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    pub step: String,
+    /// How far along, 0..=1, when the tool knows.
+    pub fraction: Option<f64>,
+    pub message: Option<String>,
+}
+
+/// Progress of one call, tagged for the run's task.
+#[derive(Debug)]
+pub(crate) struct CallProgress {
+    pub call_id: String,
+    pub tool_name: String,
+    pub progress: Progress,
+}
+
+/// What a call can use while it runs.
+#[derive(Clone)]
+pub struct ToolContext {
+    pub run_id: Arc<str>,
+    pub call_id: String,
+    tool_name: String,
+    progress: mpsc::Sender<CallProgress>,
+    /// Cancelled when the run is cancelled: long tools should stop at the next chance.
+    pub cancel: CancellationToken,
+}
+
+impl ToolContext {
+    pub(crate) fn new(
+        run_id: Arc<str>,
+        call_id: String,
+        tool_name: String,
+        progress: mpsc::Sender<CallProgress>,
+        cancel: CancellationToken,
+    ) -> Self {
+        ToolContext {
+            run_id,
+            call_id,
+            tool_name,
+            progress,
+            cancel,
+        }
+    }
+
+    /// Reports progress. Waits when the run's task is behind (a tool cannot flood it).
+    pub async fn progress(
+        &self,
+        step: impl Into<String>,
+        fraction: Option<f64>,
+        message: Option<String>,
+    ) {
+        let progress = Progress {
+            step: step.into(),
+            fraction: fraction.map(|f| f.clamp(0.0, 1.0)),
+            message,
+        };
+        let _ = self
+            .progress
+            .send(CallProgress {
+                call_id: self.call_id.clone(),
+                tool_name: self.tool_name.clone(),
+                progress,
+            })
+            .await;
+    }
+}
+
+pub type ToolFuture = Pin<Box<dyn Future<Output = Result<Value, String>> + Send>>;
+
+/// A tool. `call` answers the result (JSON) or an error message the model can read.
+pub trait Tool: Send + Sync + 'static {
+    fn spec(&self) -> ToolSpec;
+    fn call(&self, arguments: Value, ctx: ToolContext) -> ToolFuture;
+}
+
+/// The tools offered to models, by name.
+#[derive(Default, Clone)]
+pub struct ToolRegistry {
+    tools: BTreeMap<String, Arc<dyn Tool>>,
+}
+
+impl ToolRegistry {
+    pub fn new() -> Self {
+        ToolRegistry::default()
+    }
+
+    pub fn add(&mut self, tool: Arc<dyn Tool>) {
+        self.tools.insert(tool.spec().name.clone(), tool);
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Tool>> {
+        self.tools.get(name)
+    }
+
+    pub fn specs(&self) -> Vec<ToolSpec> {
+        self.tools.values().map(|t| t.spec()).collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tools.is_empty()
+    }
+}

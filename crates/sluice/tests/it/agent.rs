@@ -1,0 +1,309 @@
+//! The agent loop through the real server and the simulator: concurrent tool calls with progress,
+//! the model's next step using their results, invalid arguments the model corrects, a cancel that
+//! stops a running tool; each run also resumed from random cursors.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+use sluice_client::StreamEvent;
+use sluice_engine::tools::ToolFuture;
+use sluice_engine::{Tool, ToolContext, ToolRegistry};
+use sluice_protocol::api::{MessageStatus, RunStatus};
+use sluice_protocol::{ErrorCode, EventBody, EventKind};
+use sluice_providers::ToolSpec;
+use sluice_providers::http::{ProviderSpec, WireKind};
+
+use crate::{Opts, TestServer, collect, req, text_of};
+
+/// A lookup that takes `delay` and reports two progress steps; counts calls dropped unfinished.
+struct Lookup {
+    delay: Duration,
+    stopped: Arc<AtomicU32>,
+}
+
+/// Counts a call as stopped when dropped before it finished.
+struct StopGuard(Arc<AtomicU32>, bool);
+
+impl Drop for StopGuard {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Tool for Lookup {
+    fn spec(&self) -> ToolSpec {
+        ToolSpec {
+            name: "lookup".into(),
+            description: "Looks a query up".into(),
+            parameters: json!({
+                "type": "object",
+                "properties": {"query": {"type": "string"}, "limit": {"type": "integer", "minimum": 0}},
+                "required": ["query"],
+                "additionalProperties": false
+            }),
+        }
+    }
+
+    fn call(&self, args: Value, ctx: ToolContext) -> ToolFuture {
+        let (delay, stopped) = (self.delay, self.stopped.clone());
+        Box::pin(async move {
+            let mut guard = StopGuard(stopped, false);
+            ctx.progress(
+                "searching",
+                Some(0.5),
+                Some(format!("looking up {}", args["query"])),
+            )
+            .await;
+            tokio::time::sleep(delay).await;
+            ctx.progress("ranking", Some(1.0), None).await;
+            guard.1 = true;
+            Ok(json!({"query": args["query"], "hits": args["limit"]}))
+        })
+    }
+}
+
+async fn server(delay: Duration) -> (TestServer, Arc<AtomicU32>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let sim = format!("http://{}/v1", listener.local_addr().expect("addr"));
+    tokio::spawn(sluice_providers::simulator::serve(listener));
+    let stopped = Arc::new(AtomicU32::new(0));
+    let mut tools = ToolRegistry::new();
+    tools.add(Arc::new(Lookup {
+        delay,
+        stopped: stopped.clone(),
+    }));
+    let server = TestServer::start(Opts {
+        providers: vec![ProviderSpec::new("sim", WireKind::OpenAiChat, sim)],
+        tools,
+        ..Opts::default()
+    })
+    .await;
+    (server, stopped)
+}
+
+async fn run(server: &TestServer, model: &str) -> Vec<StreamEvent> {
+    let mut r = req("look things up");
+    r.model = Some(model.to_string());
+    collect(server.client().stream_run(None, &r).await.expect("stream")).await
+}
+
+fn position(events: &[StreamEvent], pred: impl Fn(&EventBody) -> bool) -> usize {
+    events
+        .iter()
+        .position(|e| pred(&e.event.body))
+        .expect("event present")
+}
+
+/// Following the run from random cursors yields exactly the rest of the sequence.
+async fn assert_resumable(server: &TestServer, events: &[StreamEvent]) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(events.len() as u64);
+    let run_id = &events[0].event.run_id;
+    let whole: Vec<String> = events.iter().map(|e| e.data.clone()).collect();
+    for _ in 0..5 {
+        let cut = rng.random_range(0..events.len());
+        let rest: Vec<String> = collect(
+            server
+                .client()
+                .follow(run_id, &cut.to_string())
+                .await
+                .expect("follow"),
+        )
+        .await
+        .into_iter()
+        .map(|e| e.data)
+        .collect();
+        // Merged deltas may combine several events: compare the texts and the non-delta events.
+        let squash = |v: &[String]| -> (String, Vec<String>) {
+            let mut text = String::new();
+            let mut others = Vec::new();
+            for d in v {
+                let e: Value = serde_json::from_str(d).expect("json");
+                if e["type"] == "text_delta" || e["type"] == "reasoning_delta" {
+                    text.push_str(e["delta"].as_str().unwrap_or(""));
+                } else {
+                    others.push(d.clone());
+                }
+            }
+            (text, others)
+        };
+        assert_eq!(squash(&rest), squash(&whole[cut..]), "resumed after {cut}");
+    }
+}
+
+#[tokio::test]
+async fn two_concurrent_tool_calls_interleave_and_the_next_step_uses_their_results() {
+    let (server, _) = server(Duration::from_millis(60)).await;
+    let events = run(&server, "sim/sim?tokens=3&tools=2").await;
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e.event.seq, i as u64 + 1);
+    }
+    let started = |id: &'static str| move |b: &EventBody| matches!(b, EventBody::ToolExecutionStarted { call_id, .. } if call_id == id);
+    let completed = |id: &'static str| move |b: &EventBody| matches!(b, EventBody::ToolExecutionCompleted { call_id, .. } if call_id == id);
+    let (s0, s1) = (
+        position(&events, started("call_0")),
+        position(&events, started("call_1")),
+    );
+    let (c0, c1) = (
+        position(&events, completed("call_0")),
+        position(&events, completed("call_1")),
+    );
+    // Each call starts as soon as its arguments are complete, and both run at the same time.
+    assert!(
+        s0 > position(
+            &events,
+            |b| matches!(b, EventBody::FunctionCallDone { call_id, .. } if call_id == "call_0")
+        )
+    );
+    assert!(s1 < c0 && s0 < c1, "both started before either finished");
+    let progress: Vec<(String, String)> = events
+        .iter()
+        .filter_map(|e| match &e.event.body {
+            EventBody::ToolExecutionProgress { call_id, step, .. } => {
+                Some((call_id.clone(), step.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(progress.len(), 4, "{progress:?}");
+    assert_eq!(
+        &progress[..2]
+            .iter()
+            .map(|p| p.1.as_str())
+            .collect::<Vec<_>>(),
+        &["searching", "searching"]
+    );
+    let EventBody::ToolExecutionCompleted { result, .. } = &events[c1].event.body else {
+        unreachable!()
+    };
+    assert_eq!(result, &json!({"query": "item 1", "hits": 1}));
+    // The model's next step saw both results and answered.
+    let text = text_of(&events);
+    assert_eq!(text, "tok0 tok1 tok2 Using 2 results. tok0 tok1 tok2 ");
+    assert!(
+        position(
+            &events,
+            |b| matches!(b, EventBody::TextDelta { delta } if delta == "Using ")
+        ) > c0.max(c1)
+    );
+    assert_eq!(
+        events.last().map(|e| e.event.body.kind()),
+        Some(EventKind::RunCompleted)
+    );
+    let thread_id = match &events[0].event.body {
+        EventBody::RunStarted { thread_id, .. } => thread_id.clone(),
+        _ => unreachable!(),
+    };
+    let message = &server
+        .client()
+        .get_thread(&thread_id)
+        .await
+        .expect("thread")
+        .messages
+        .expect("m")[1];
+    assert_eq!(
+        (message.content.as_str(), message.status),
+        (text.as_str(), MessageStatus::Complete)
+    );
+    assert_resumable(&server, &events).await;
+}
+
+#[tokio::test]
+async fn invalid_arguments_fail_the_call_and_the_model_recovers_on_the_next_step() {
+    let (server, _) = server(Duration::from_millis(5)).await;
+    let events = run(&server, "sim/sim?tokens=2&tools=2&bad_args=1").await;
+    let failed: Vec<(String, ErrorCode, String)> = events
+        .iter()
+        .filter_map(|e| match &e.event.body {
+            EventBody::ToolExecutionFailed { call_id, error, .. } => {
+                Some((call_id.clone(), error.code, error.message.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(
+        (failed[0].0.as_str(), failed[0].1),
+        ("call_0", ErrorCode::ToolError)
+    );
+    assert!(
+        failed[0].2.contains("/query: expected string, got integer"),
+        "{}",
+        failed[0].2
+    );
+    // The model retried with valid arguments, then answered from all three results.
+    assert!(events.iter().any(|e| matches!(&e.event.body, EventBody::ToolExecutionCompleted { call_id, .. } if call_id == "call_retry")));
+    let text = text_of(&events);
+    assert!(
+        text.contains("Retrying with valid arguments. ")
+            && text.ends_with("Using 3 results. tok0 tok1 "),
+        "{text}"
+    );
+    assert_eq!(
+        events.last().map(|e| e.event.body.kind()),
+        Some(EventKind::RunCompleted)
+    );
+    assert_resumable(&server, &events).await;
+}
+
+#[tokio::test]
+async fn cancelling_a_run_in_the_middle_of_a_tool_stops_the_tool() {
+    let (server, stopped) = server(Duration::from_secs(30)).await;
+    let client = server.client();
+    let mut r = req("slow tool");
+    r.model = Some("sim/sim?tokens=2&tools=1".into());
+    let mut stream = client.stream_run(None, &r).await.expect("stream");
+    let mut events = Vec::new();
+    while let Some(ev) = stream.next().await {
+        let ev = ev.expect("event");
+        let progressing = ev.event.body.kind() == EventKind::ToolExecutionProgress;
+        events.push(ev);
+        if progressing {
+            break;
+        }
+    }
+    let run_id = events[0].event.run_id.clone();
+    let view = client.cancel(&run_id).await.expect("cancel");
+    assert_eq!(view.status, RunStatus::Cancelled);
+    while let Some(ev) = stream.next().await {
+        events.push(ev.expect("event"));
+    }
+    assert_eq!(
+        events.last().map(|e| e.event.body.kind()),
+        Some(EventKind::RunCancelled)
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.event.body.kind() == EventKind::ToolExecutionCompleted)
+    );
+    for _ in 0..100 {
+        if stopped.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        stopped.load(Ordering::SeqCst),
+        1,
+        "the running tool was stopped"
+    );
+    // Stored: the run cancelled, its message incomplete, its log ending with the terminal event.
+    let thread = client.get_thread(&view.thread_id).await.expect("thread");
+    assert_eq!(
+        thread.messages.expect("m")[1].status,
+        MessageStatus::Incomplete
+    );
+    let replay = collect(client.follow(&run_id, "").await.expect("replay")).await;
+    assert_eq!(
+        replay.last().map(|e| e.event.body.kind()),
+        Some(EventKind::RunCancelled)
+    );
+    assert_resumable(&server, &events).await;
+}
