@@ -8,6 +8,7 @@
 //! No HTTP and no SQL here: the engine sees storage through [`sluice_store::Store`] and models
 //! through [`sluice_providers::Model`].
 
+pub mod artifacts;
 pub mod event_log;
 pub mod metrics;
 mod run;
@@ -299,6 +300,7 @@ impl Engine {
             title: thread.title.clone(),
             created_at: thread.created_at,
             messages: Some(Vec::new()),
+            artifacts: Some(Vec::new()),
         };
         self.inner.store.create_thread(thread).await?;
         self.remember_thread(&view.id, owner);
@@ -603,6 +605,23 @@ impl Engine {
             .await?
             .ok_or_else(|| EngineError::NotFound(format!("no run {run_id:?}")))?;
         Ok(stored.view)
+    }
+
+    /// One version of an artifact `owner` may see (the latest when `version` is `None`).
+    pub async fn get_artifact(
+        &self,
+        owner: &str,
+        id: &str,
+        version: Option<u32>,
+    ) -> Result<sluice_protocol::api::ArtifactView, EngineError> {
+        self.inner
+            .store
+            .get_artifact(owner.to_string(), id.to_string(), version)
+            .await?
+            .ok_or_else(|| match version {
+                Some(v) => EngineError::NotFound(format!("no version {v} of artifact {id:?}")),
+                None => EngineError::NotFound(format!("no artifact {id:?}")),
+            })
     }
 
     /// Cancels a run; answers its state (a finished run is left as it is).

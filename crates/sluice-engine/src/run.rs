@@ -9,13 +9,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use sluice_protocol::api::{MessageStatus, RunStatus};
+use sluice_protocol::api::{ArtifactStatus, MessageStatus, RunStatus};
 use sluice_protocol::{ErrorCode, ErrorInfo, EventBody, Frame, Usage};
 use sluice_providers::{ChatMessage, Model, ModelEvent, ModelRequest, Role, ToolCall};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::tools::{CallProgress, ToolContext};
+use crate::tools::{Report, ToolContext};
 use sluice_store::RunEnd;
 use tokio::time::Instant;
 
@@ -268,19 +268,13 @@ impl RunTask {
         // Dropping the set (on cancel or failure) aborts every running call.
         let mut running: JoinSet<(String, String, Result<serde_json::Value, String>)> =
             JoinSet::new();
-        let (progress_tx, mut progress_rx) = mpsc::channel::<CallProgress>(64);
+        let (progress_tx, mut progress_rx) = mpsc::channel::<Report>(64);
         let mut model_done = false;
         while !(model_done && running.is_empty()) {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return Err(Ending::Stopped),
-                Some(p) = progress_rx.recv() => out.append(&EventBody::ToolExecutionProgress {
-                    call_id: p.call_id,
-                    tool_name: p.tool_name,
-                    step: p.progress.step,
-                    fraction: p.progress.fraction,
-                    message: p.progress.message,
-                }),
+                Some(report) = progress_rx.recv() => self.report(out, report),
                 Some(joined) = running.join_next(), if !running.is_empty() => {
                     let (call_id, tool_name, result) = match joined {
                         Ok(r) => r,
@@ -359,7 +353,7 @@ impl RunTask {
         &self,
         out: &mut Appender,
         running: &mut JoinSet<(String, String, Result<serde_json::Value, String>)>,
-        progress: &mpsc::Sender<CallProgress>,
+        progress: &mpsc::Sender<Report>,
         call_id: String,
         name: String,
         arguments: &str,
@@ -384,7 +378,7 @@ impl RunTask {
             return Some(self.finish_call(out, &call_id, &name, Err(err)));
         }
         let ctx = ToolContext::new(
-            self.handle.id.clone(),
+            &self.handle,
             call_id.clone(),
             name.clone(),
             progress.clone(),
@@ -395,6 +389,33 @@ impl RunTask {
             (call_id, name, result)
         });
         None
+    }
+
+    /// Appends what a running call reported; an artifact version is also stored.
+    fn report(&self, out: &mut Appender, report: Report) {
+        match report {
+            Report::Progress {
+                call_id,
+                tool_name,
+                progress,
+            } => out.append(&EventBody::ToolExecutionProgress {
+                call_id,
+                tool_name,
+                step: progress.step,
+                fraction: progress.fraction,
+                message: progress.message,
+            }),
+            Report::Artifact(artifact) => {
+                let value = serde_json::to_value(&artifact).unwrap_or_default();
+                out.append(&match artifact.status {
+                    ArtifactStatus::Intermediate => {
+                        EventBody::ArtifactIntermediate { artifact: value }
+                    }
+                    ArtifactStatus::Final => EventBody::ArtifactFinal { artifact: value },
+                });
+                self.inner.store.put_artifact(artifact);
+            }
+        }
     }
 
     /// Appends a call's outcome and answers the tool message that carries it back to the model.

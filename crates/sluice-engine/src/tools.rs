@@ -11,6 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use serde_json::Value;
+use sluice_protocol::api::ArtifactView;
 use sluice_providers::ToolSpec;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -24,40 +25,55 @@ pub struct Progress {
     pub message: Option<String>,
 }
 
-/// Progress of one call, tagged for the run's task.
+/// What a running call reports to the run's task, which appends it.
 #[derive(Debug)]
-pub(crate) struct CallProgress {
-    pub call_id: String,
-    pub tool_name: String,
-    pub progress: Progress,
+pub(crate) enum Report {
+    Progress {
+        call_id: String,
+        tool_name: String,
+        progress: Progress,
+    },
+    /// A version of an artifact, intermediate or final: appended as an event and stored.
+    Artifact(ArtifactView),
 }
 
 /// What a call can use while it runs.
 #[derive(Clone)]
 pub struct ToolContext {
     pub run_id: Arc<str>,
+    pub thread_id: Arc<str>,
+    /// The owner of the run's thread: what the tool may read is limited to it.
+    pub owner: Arc<str>,
     pub call_id: String,
     tool_name: String,
-    progress: mpsc::Sender<CallProgress>,
+    reports: mpsc::Sender<Report>,
     /// Cancelled when the run is cancelled: long tools should stop at the next chance.
     pub cancel: CancellationToken,
 }
 
 impl ToolContext {
     pub(crate) fn new(
-        run_id: Arc<str>,
+        run: &crate::RunHandle,
         call_id: String,
         tool_name: String,
-        progress: mpsc::Sender<CallProgress>,
+        reports: mpsc::Sender<Report>,
         cancel: CancellationToken,
     ) -> Self {
         ToolContext {
-            run_id,
+            run_id: run.id.clone(),
+            thread_id: Arc::from(run.thread_id.as_str()),
+            owner: Arc::from(run.owner.as_str()),
             call_id,
             tool_name,
-            progress,
+            reports,
             cancel,
         }
+    }
+
+    /// Publishes a version of an artifact (the run appends `artifact_intermediate` or
+    /// `artifact_final` and stores it).
+    pub async fn artifact(&self, artifact: ArtifactView) {
+        let _ = self.reports.send(Report::Artifact(artifact)).await;
     }
 
     /// Reports progress. Waits when the run's task is behind (a tool cannot flood it).
@@ -73,8 +89,8 @@ impl ToolContext {
             message,
         };
         let _ = self
-            .progress
-            .send(CallProgress {
+            .reports
+            .send(Report::Progress {
                 call_id: self.call_id.clone(),
                 tool_name: self.tool_name.clone(),
                 progress,
@@ -108,6 +124,10 @@ impl ToolRegistry {
 
     pub fn get(&self, name: &str) -> Option<&Arc<dyn Tool>> {
         self.tools.get(name)
+    }
+
+    pub fn all(&self) -> Vec<Arc<dyn Tool>> {
+        self.tools.values().cloned().collect()
     }
 
     pub fn specs(&self) -> Vec<ToolSpec> {

@@ -152,6 +152,80 @@ pub struct ThreadView {
     /// Present on `GET /v1/threads/{id}`; absent in lists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub messages: Option<Vec<MessageView>>,
+    /// The thread's artifacts, latest version of each, on `GET /v1/threads/{id}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifacts: Option<Vec<ArtifactView>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArtifactKind {
+    Table,
+    Chart,
+    Document,
+}
+
+impl ArtifactKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArtifactKind::Table => "table",
+            ArtifactKind::Chart => "chart",
+            ArtifactKind::Document => "document",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ArtifactKind> {
+        [
+            ArtifactKind::Table,
+            ArtifactKind::Chart,
+            ArtifactKind::Document,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArtifactStatus {
+    /// Still being written.
+    Intermediate,
+    Final,
+}
+
+impl ArtifactStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArtifactStatus::Intermediate => "intermediate",
+            ArtifactStatus::Final => "final",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ArtifactStatus> {
+        match s {
+            "intermediate" => Some(ArtifactStatus::Intermediate),
+            "final" => Some(ArtifactStatus::Final),
+            _ => None,
+        }
+    }
+}
+
+/// One version of an artifact: what `artifact_intermediate`/`artifact_final` carry and what
+/// `GET /v1/artifacts/{id}` answers. `data` depends on `kind`: a table is
+/// `{"columns": [..], "rows": [[..]]}`, a chart `{"chart_type", "labels": [..], "series": [{"name", "values"}]}`,
+/// a document `{"markdown": ".."}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactView {
+    pub id: String,
+    pub thread_id: String,
+    pub run_id: String,
+    pub kind: ArtifactKind,
+    pub title: String,
+    /// 1, 2, … — every update is a new version; all are kept.
+    pub version: u32,
+    pub status: ArtifactStatus,
+    pub data: serde_json::Value,
+    pub created_at: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

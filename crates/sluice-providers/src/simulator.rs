@@ -19,6 +19,8 @@
 //! | `after` | tokens sent before `drop`, `malformed` or `stall` | 0 |
 //! | `echo_auth` | `1`: the status fault's message quotes the credentials received, as some providers do | 0 |
 //! | `bad_args` | `1`: the first call's arguments break its schema (`query` is a number) | 0 |
+//! | `tool` | the function called: `lookup`, `create_table`, `create_chart`, `create_document`, `update_artifact` | lookup |
+//! | `artifact` | with `tool=update_artifact`: the artifact id to update (appends a row) | |
 //! | `id` | a label with no effect but to make a model name (and so its `times` count) unique | |
 //!
 //! Tools make it a multi-step model: a request whose conversation already holds tool results is
@@ -76,6 +78,10 @@ pub struct Scenario {
     after: u32,
     echo_auth: bool,
     bad_args: bool,
+    /// The function the calls name, and so the shape of their arguments.
+    tool: String,
+    /// For `tool=update_artifact`: the artifact to update.
+    artifact: String,
     /// The answer's tokens, decided per request (a follow-up after tool results answers differently).
     answer: Vec<String>,
     /// The calls to make: (call id, arguments).
@@ -97,6 +103,8 @@ impl Scenario {
             after: 0,
             echo_auth: false,
             bad_args: false,
+            tool: "lookup".into(),
+            artifact: String::new(),
             answer: Vec::new(),
             calls: Vec::new(),
         };
@@ -123,6 +131,8 @@ impl Scenario {
                 "id" => {}
                 "echo_auth" => s.echo_auth = v == "1",
                 "bad_args" => s.bad_args = v == "1",
+                "tool" => s.tool = v.to_string(),
+                "artifact" => s.artifact = v.to_string(),
                 "fault" => {
                     s.fault = match v {
                         "none" => Fault::None,
@@ -303,7 +313,23 @@ fn plan(sc: &mut Scenario, body: &str) {
     .iter()
     .map(|m| body.matches(m).count() as u32)
     .sum::<u32>();
-    let args = |i: u32| format!("{{\"query\":\"item {i}\",\"limit\":{i}}}");
+    let tool = sc.tool.clone();
+    let artifact = sc.artifact.clone();
+    let args = move |i: u32| match tool.as_str() {
+        "create_table" => format!(
+            "{{\"title\":\"Table {i}\",\"columns\":[\"item\",\"value\"],\"rows\":[[\"alpha\",1],[\"beta, b\",2],[\"gamma\",3],[\"delta\",4]]}}"
+        ),
+        "create_chart" => format!(
+            "{{\"title\":\"Chart {i}\",\"chart_type\":\"bar\",\"labels\":[\"q1\",\"q2\",\"q3\"],\"series\":[{{\"name\":\"sales\",\"values\":[3,5,8]}}]}}"
+        ),
+        "create_document" => {
+            format!("{{\"title\":\"Doc {i}\",\"markdown\":\"# Report {i}\\n\\nAll good.\"}}")
+        }
+        "update_artifact" => {
+            format!("{{\"artifact_id\":\"{artifact}\",\"append_rows\":[[\"epsilon\",5]]}}")
+        }
+        _ => format!("{{\"query\":\"item {i}\",\"limit\":{i}}}"),
+    };
     let toks = |n: u32| (0..n).map(|t| format!("tok{t} ")).collect::<Vec<_>>();
     if results == 0 {
         sc.answer = toks(sc.tokens);
@@ -412,11 +438,11 @@ async fn produce(
     }
     for (i, (call_id, args)) in sc.calls.iter().enumerate() {
         let i = i as u32;
-        emit!(w.tool_start(i, call_id));
+        emit!(w.tool_start(i, call_id, &sc.tool));
         for p in split_in(args, 4) {
             emit!(w.tool_delta(i, p));
         }
-        emit!(w.tool_done(i, call_id, args));
+        emit!(w.tool_done(i, call_id, &sc.tool, args));
     }
     let calls = !sc.calls.is_empty();
     let stop = if calls { "tool_calls" } else { "stop" };
@@ -581,19 +607,19 @@ impl Writer<'_> {
         }
     }
 
-    fn tool_start(&self, i: u32, call_id: &str) -> String {
+    fn tool_start(&self, i: u32, call_id: &str, name: &str) -> String {
         match self.dialect {
             Dialect::Responses => self.typed(
                 "response.output_item.added",
-                json!({"item":{"id":format!("fc_{i}"),"type":"function_call","call_id":call_id,"name":"lookup","arguments":""}}),
+                json!({"item":{"id":format!("fc_{i}"),"type":"function_call","call_id":call_id,"name":name,"arguments":""}}),
             ),
             Dialect::Chat => self.chat_chunk(
-                json!({"tool_calls":[{"index":i,"id":call_id,"type":"function","function":{"name":"lookup","arguments":""}}]}),
+                json!({"tool_calls":[{"index":i,"id":call_id,"type":"function","function":{"name":name,"arguments":""}}]}),
                 None,
             ),
             Dialect::Anthropic => self.typed(
                 "content_block_start",
-                json!({"index":2+i,"content_block":{"type":"tool_use","id":call_id,"name":"lookup","input":{}}}),
+                json!({"index":2+i,"content_block":{"type":"tool_use","id":call_id,"name":name,"input":{}}}),
             ),
             Dialect::Ollama => String::new(),
         }
@@ -617,7 +643,7 @@ impl Writer<'_> {
         }
     }
 
-    fn tool_done(&self, i: u32, call_id: &str, args: &str) -> String {
+    fn tool_done(&self, i: u32, call_id: &str, name: &str, args: &str) -> String {
         match self.dialect {
             Dialect::Responses => self.typed(
                 "response.function_call_arguments.done",
@@ -626,7 +652,7 @@ impl Writer<'_> {
             Dialect::Anthropic => self.typed("content_block_stop", json!({"index":2+i})),
             Dialect::Ollama => {
                 let parsed: serde_json::Value = serde_json::from_str(args).unwrap_or_default();
-                self.ollama_line(json!({"role":"assistant","content":"","tool_calls":[{"id":call_id,"function":{"name":"lookup","arguments":parsed}}]}))
+                self.ollama_line(json!({"role":"assistant","content":"","tool_calls":[{"id":call_id,"function":{"name":name,"arguments":parsed}}]}))
             }
             Dialect::Chat => String::new(),
         }

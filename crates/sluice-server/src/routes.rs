@@ -34,6 +34,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/runs/{id}/events", get(run_events))
         .route("/v1/runs/{id}/cancel", post(cancel_run))
         .route("/v1/models", get(list_models))
+        .route("/v1/artifacts/{id}", get(get_artifact))
+        .route(
+            "/v1/artifacts/{id}/versions/{version}",
+            get(get_artifact_version),
+        )
         .route("/v1/ws", get(crate::ws::upgrade))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -208,6 +213,63 @@ async fn run_events(
     };
     let sub = st.engine.subscribe(&owner, &id, cursor, coalesce).await?;
     Ok(sse_response(sub, &st, None))
+}
+
+/// `GET /v1/artifacts/{id}` (the latest version), or `{id}.csv` for a table as CSV.
+async fn get_artifact(
+    State(st): St,
+    Owner(owner): Owner,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    if let Some(id) = id.strip_suffix(".csv") {
+        let artifact = st.engine.get_artifact(&owner, id, None).await?;
+        if artifact.kind != sluice_protocol::api::ArtifactKind::Table {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "artifact {id:?} is a {}, and only tables have a CSV form",
+                    artifact.kind.as_str()
+                ),
+            ));
+        }
+        let filename = artifact
+            .title
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect::<String>();
+        return Ok((
+            [
+                (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_string()),
+                (
+                    header::CONTENT_DISPOSITION,
+                    format!("attachment; filename=\"{filename}.csv\""),
+                ),
+            ],
+            sluice_engine::artifacts::table_csv(&artifact.data),
+        )
+            .into_response());
+    }
+    Ok(axum::Json(st.engine.get_artifact(&owner, &id, None).await?).into_response())
+}
+
+async fn get_artifact_version(
+    State(st): St,
+    Owner(owner): Owner,
+    Path((id, version)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let version: u32 = version.parse().map_err(|_| {
+        ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("version {version:?} is not a positive number"),
+        )
+    })?;
+    Ok(axum::Json(st.engine.get_artifact(&owner, &id, Some(version)).await?).into_response())
 }
 
 async fn list_models(State(st): St, Owner(_): Owner) -> Response {

@@ -130,6 +130,15 @@ pub trait Store: Send + Sync + 'static {
     fn read_events(&self, run_id: String, after: u64, limit: u32) -> Reply<Vec<Frame>>;
     /// Resolves once every write submitted before it is committed.
     fn flush(&self) -> Reply<()>;
+    /// Queues one version of an artifact (an intermediate state of a version is replaced by the next).
+    fn put_artifact(&self, artifact: sluice_protocol::api::ArtifactView);
+    /// An artifact `owner` may see: `version`, or the latest.
+    fn get_artifact(
+        &self,
+        owner: String,
+        id: String,
+        version: Option<u32>,
+    ) -> Reply<Option<sluice_protocol::api::ArtifactView>>;
     /// Operations queued and not yet applied (a gauge: a growing value means the disk is behind).
     fn queue_depth(&self) -> usize;
 }

@@ -15,7 +15,10 @@ use std::thread;
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
-use sluice_protocol::api::{MessageStatus, MessageView, RunStatus, RunView, ThreadView};
+use sluice_protocol::api::{
+    ArtifactKind, ArtifactStatus, ArtifactView, MessageStatus, MessageView, RunStatus, RunView,
+    ThreadView,
+};
 use sluice_protocol::{ErrorInfo, EventBody, EventKind, Frame, Usage};
 use tokio::sync::oneshot;
 
@@ -63,6 +66,19 @@ CREATE TABLE IF NOT EXISTS runs (
     ended_at         INTEGER
 );
 CREATE INDEX IF NOT EXISTS runs_by_status ON runs(status);
+CREATE TABLE IF NOT EXISTS artifacts (
+    id          TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    thread_id   TEXT NOT NULL REFERENCES threads(id) ON DELETE CASCADE,
+    run_id      TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    title       TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    data        TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    PRIMARY KEY (id, version)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS artifacts_by_thread ON artifacts(thread_id);
 CREATE TABLE IF NOT EXISTS events (
     run_id  TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
     seq     INTEGER NOT NULL,
@@ -108,6 +124,14 @@ enum Op {
         oneshot::Sender<Result<Vec<Frame>, StoreError>>,
     ),
     Flush(oneshot::Sender<Result<(), StoreError>>),
+    /// Writes one version of an artifact (an intermediate state is replaced by its final one).
+    PutArtifact(ArtifactView),
+    GetArtifact(
+        String,
+        String,
+        Option<u32>,
+        oneshot::Sender<Result<Option<ArtifactView>, StoreError>>,
+    ),
 }
 
 /// The embedded store. Cheap to clone; the writer thread stops when the last clone is dropped,
@@ -213,6 +237,17 @@ impl Store for SqliteStore {
     }
     fn flush(&self) -> Reply<()> {
         self.ask(Op::Flush)
+    }
+    fn put_artifact(&self, artifact: ArtifactView) {
+        self.submit(Op::PutArtifact(artifact));
+    }
+    fn get_artifact(
+        &self,
+        owner: String,
+        id: String,
+        version: Option<u32>,
+    ) -> Reply<Option<ArtifactView>> {
+        self.ask(|tx| Op::GetArtifact(owner, id, version, tx))
     }
     fn queue_depth(&self) -> usize {
         self.depth.load(Ordering::Relaxed)
@@ -427,6 +462,10 @@ fn apply_batch(conn: &mut Connection, batch: &mut Vec<Op>) -> Result<(), StoreEr
                 flush_progress(&tx, &mut checkpoints, &mut last_seq);
                 let _ = reply.send(get_run(&tx, &owner, &id));
             }
+            Op::PutArtifact(a) => log_err(put_artifact(&tx, &a), "artifact"),
+            Op::GetArtifact(owner, id, version, reply) => {
+                let _ = reply.send(get_artifact(&tx, &owner, &id, version));
+            }
             Op::ReadEvents(run_id, after, limit, reply) => {
                 let _ = reply.send(read_events(&tx, &run_id, after, limit));
             }
@@ -544,6 +583,7 @@ fn get_thread(
                     title: row.get(1)?,
                     created_at: row.get(2)?,
                     messages: None,
+                    artifacts: None,
                 })
             },
         )
@@ -579,6 +619,19 @@ fn get_thread(
         messages.push(m);
     }
     thread.messages = Some(messages);
+    let mut stmt = tx.prepare_cached(
+        "SELECT a.id, a.version, a.thread_id, a.run_id, a.kind, a.title, a.status, a.data, a.created_at
+         FROM artifacts a
+         WHERE a.thread_id = ?1
+           AND a.version = (SELECT MAX(version) FROM artifacts b WHERE b.id = a.id)
+         ORDER BY a.created_at, a.id",
+    )?;
+    let rows = stmt.query_map(params![id], artifact_row)?;
+    let mut artifacts = Vec::new();
+    for row in rows {
+        artifacts.push(row??);
+    }
+    thread.artifacts = Some(artifacts);
     Ok(Some(thread))
 }
 
@@ -597,6 +650,7 @@ fn list_threads(
             title: row.get(1)?,
             created_at: row.get(2)?,
             messages: None,
+            artifacts: None,
         })
     })?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -672,6 +726,71 @@ fn get_run(tx: &Transaction<'_>, owner: &str, id: &str) -> Result<Option<StoredR
         epoch,
         durable_seq: durable_seq.and_then(|d| u64::try_from(d).ok()),
     }))
+}
+
+type ArtifactResult = Result<ArtifactView, StoreError>;
+
+fn artifact_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ArtifactResult> {
+    let id: String = row.get(0)?;
+    let kind: String = row.get(4)?;
+    let status: String = row.get(6)?;
+    let data: String = row.get(7)?;
+    let parsed = (|| {
+        Ok(ArtifactView {
+            kind: ArtifactKind::parse(&kind)
+                .ok_or_else(|| StoreError::Corrupt(format!("artifact {id} has kind {kind:?}")))?,
+            status: ArtifactStatus::parse(&status).ok_or_else(|| {
+                StoreError::Corrupt(format!("artifact {id} has status {status:?}"))
+            })?,
+            data: serde_json::from_str(&data)
+                .map_err(|e| StoreError::Corrupt(format!("artifact {id}: {e}")))?,
+            id: id.clone(),
+            version: row.get(1)?,
+            thread_id: row.get(2)?,
+            run_id: row.get(3)?,
+            title: row.get(5)?,
+            created_at: row.get(8)?,
+        })
+    })();
+    Ok(parsed)
+}
+
+fn put_artifact(tx: &Transaction<'_>, a: &ArtifactView) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT OR REPLACE INTO artifacts (id, version, thread_id, run_id, kind, title, status, data, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![
+            a.id,
+            a.version,
+            a.thread_id,
+            a.run_id,
+            a.kind.as_str(),
+            a.title,
+            a.status.as_str(),
+            a.data.to_string(),
+            a.created_at
+        ],
+    )?;
+    Ok(())
+}
+
+fn get_artifact(
+    tx: &Transaction<'_>,
+    owner: &str,
+    id: &str,
+    version: Option<u32>,
+) -> Result<Option<ArtifactView>, StoreError> {
+    let row = tx
+        .query_row(
+            "SELECT a.id, a.version, a.thread_id, a.run_id, a.kind, a.title, a.status, a.data, a.created_at
+             FROM artifacts a JOIN threads t ON t.id = a.thread_id
+             WHERE a.id = ?1 AND t.owner = ?2
+               AND a.version = COALESCE(?3, (SELECT MAX(version) FROM artifacts b WHERE b.id = a.id))",
+            params![id, owner, version],
+            artifact_row,
+        )
+        .optional()?;
+    row.transpose()
 }
 
 fn read_events(

@@ -84,7 +84,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     );
     let models: Arc<dyn ModelCatalog> = Arc::new(registry);
     let metrics = Arc::new(Metrics::default());
-    let tools = Arc::new(config.tools.clone());
+    // The built-in artifact tools, then whatever the embedding program registered.
+    let mut registry_tools = sluice_engine::ToolRegistry::new();
+    for tool in sluice_engine::artifacts::builtin(store.clone()) {
+        registry_tools.add(tool);
+    }
+    for tool in config.tools.all() {
+        registry_tools.add(tool);
+    }
+    let tools = Arc::new(registry_tools);
     let engine = Engine::new(store, models, tools, config.engine.clone(), metrics);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -307,3 +307,142 @@ async fn cancelling_a_run_in_the_middle_of_a_tool_stops_the_tool() {
     );
     assert_resumable(&server, &events).await;
 }
+
+#[tokio::test]
+async fn artifact_tools_persist_versions_serve_csv_and_belong_to_the_owner() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let sim = format!("http://{}/v1", listener.local_addr().expect("addr"));
+    tokio::spawn(sluice_providers::simulator::serve(listener));
+    let server = TestServer::start(Opts {
+        providers: vec![ProviderSpec::new("sim", WireKind::OpenAiChat, sim)],
+        keys: "alice:key-a,bob:key-b",
+        ..Opts::default()
+    })
+    .await;
+    let alice = server.client().with_key("key-a");
+    let mut r = req("make a table");
+    r.model = Some("sim/sim?tokens=2&tools=1&tool=create_table".into());
+    let events = collect(alice.stream_run(None, &r).await.expect("stream")).await;
+    let artifact = events
+        .iter()
+        .find_map(|e| match &e.event.body {
+            EventBody::ArtifactFinal { artifact } => Some(artifact.clone()),
+            _ => None,
+        })
+        .expect("artifact_final");
+    let id = artifact["id"].as_str().expect("id").to_string();
+    assert_eq!(
+        (artifact["kind"].as_str(), artifact["version"].as_u64()),
+        (Some("table"), Some(1))
+    );
+    assert_eq!(artifact["data"]["rows"].as_array().map(Vec::len), Some(4));
+    assert_eq!(
+        events.last().map(|e| e.event.body.kind()),
+        Some(EventKind::RunCompleted)
+    );
+    let thread_id = artifact["thread_id"].as_str().expect("thread").to_string();
+
+    let http = reqwest::Client::new();
+    let get = |path: String, key: &'static str| {
+        let http = http.clone();
+        let url = format!("{}{path}", server.url);
+        async move {
+            http.get(url)
+                .bearer_auth(key)
+                .send()
+                .await
+                .expect("request")
+        }
+    };
+    let stored: Value = get(format!("/v1/artifacts/{id}"), "key-a")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(stored["status"], "final");
+    assert_eq!(stored["data"], artifact["data"]);
+    let csv = get(format!("/v1/artifacts/{id}.csv"), "key-a").await;
+    assert_eq!(csv.headers()["content-type"], "text/csv; charset=utf-8");
+    assert_eq!(
+        csv.text().await.expect("csv"),
+        "item,value\r\nalpha,1\r\n\"beta, b\",2\r\ngamma,3\r\ndelta,4\r\n"
+    );
+
+    // An update in the same thread makes version 2; version 1 stays as it was.
+    let mut r = req("add a row");
+    r.model = Some(format!(
+        "sim/sim?tokens=2&tools=1&tool=update_artifact&artifact={id}"
+    ));
+    let events = collect(
+        alice
+            .stream_run(Some(&thread_id), &r)
+            .await
+            .expect("stream"),
+    )
+    .await;
+    assert!(events.iter().any(|e| matches!(&e.event.body, EventBody::ArtifactFinal { artifact } if artifact["version"] == 2)));
+    let latest: Value = get(format!("/v1/artifacts/{id}"), "key-a")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        (
+            latest["version"].as_u64(),
+            latest["data"]["rows"].as_array().map(Vec::len)
+        ),
+        (Some(2), Some(5))
+    );
+    let v1: Value = get(format!("/v1/artifacts/{id}/versions/1"), "key-a")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v1["data"]["rows"].as_array().map(Vec::len), Some(4));
+    let thread = alice.get_thread(&thread_id).await.expect("thread");
+    let listed = thread.artifacts.expect("artifacts");
+    assert_eq!(
+        (listed.len(), listed[0].version),
+        (1, 2),
+        "the thread lists the latest version"
+    );
+
+    // Another owner sees none of it; bad versions are clear errors.
+    for path in [
+        format!("/v1/artifacts/{id}"),
+        format!("/v1/artifacts/{id}.csv"),
+        format!("/v1/artifacts/{id}/versions/1"),
+    ] {
+        assert_eq!(get(path, "key-b").await.status(), 404);
+    }
+    assert_eq!(
+        get(format!("/v1/artifacts/{id}/versions/9"), "key-a")
+            .await
+            .status(),
+        404
+    );
+    assert_eq!(
+        get(format!("/v1/artifacts/{id}/versions/x"), "key-a")
+            .await
+            .status(),
+        400
+    );
+}
+
+#[tokio::test]
+async fn documents_and_charts_are_created_as_artifacts() {
+    let (server, _) = server(Duration::from_millis(1)).await;
+    let events = run(&server, "sim/sim?tokens=1&tools=1&tool=create_document").await;
+    let doc = events
+        .iter()
+        .find_map(|e| match &e.event.body {
+            EventBody::ArtifactFinal { artifact } => Some(artifact.clone()),
+            _ => None,
+        })
+        .expect("document");
+    assert_eq!(doc["data"]["markdown"], "# Report 0\n\nAll good.");
+    let events = run(&server, "sim/sim?tokens=1&tools=1&tool=create_chart").await;
+    assert!(events.iter().any(|e| matches!(&e.event.body, EventBody::ArtifactFinal { artifact } if artifact["kind"] == "chart")));
+}
