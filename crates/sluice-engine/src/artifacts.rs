@@ -154,7 +154,7 @@ impl Tool for Create {
         Box::pin(async move {
             let data = data_of(kind, &args)?;
             let artifact = ArtifactView {
-                id: new_id(),
+                id: ctx.artifact_id.clone().unwrap_or_else(new_id),
                 thread_id: ctx.thread_id.to_string(),
                 run_id: ctx.run_id.to_string(),
                 kind,
@@ -249,6 +249,50 @@ impl Tool for Update {
             ctx.artifact(artifact).await;
             Ok(result)
         })
+    }
+}
+
+/// The kind of artifact a tool creates, for the tools whose arguments are shown while written.
+pub fn creates(tool: &str) -> Option<ArtifactKind> {
+    match tool {
+        "create_table" => Some(ArtifactKind::Table),
+        "create_chart" => Some(ArtifactKind::Chart),
+        "create_document" => Some(ArtifactKind::Document),
+        _ => None,
+    }
+}
+
+/// What can be shown of an artifact from the arguments written so far (read with
+/// [`crate::partial_json`]): a table's complete rows, a chart's series so far, a document's text so far.
+pub fn intermediate_data(kind: ArtifactKind, partial: &Value) -> Value {
+    match kind {
+        ArtifactKind::Table => {
+            let columns: Vec<Value> = partial["columns"]
+                .as_array()
+                .map(|c| c.iter().filter(|v| v.is_string()).cloned().collect())
+                .unwrap_or_default();
+            let rows: Vec<Value> = partial["rows"]
+                .as_array()
+                .map(|rows| {
+                    rows.iter()
+                        .filter(|r| {
+                            r.as_array()
+                                .is_some_and(|r| !columns.is_empty() && r.len() == columns.len())
+                        })
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            json!({"columns": columns, "rows": rows})
+        }
+        ArtifactKind::Chart => json!({
+            "chart_type": partial.get("chart_type").cloned().unwrap_or(Value::Null),
+            "labels": partial.get("labels").cloned().unwrap_or(json!([])),
+            "series": partial.get("series").cloned().unwrap_or(json!([])),
+        }),
+        ArtifactKind::Document => {
+            json!({"markdown": partial["markdown"].as_str().unwrap_or_default()})
+        }
     }
 }
 

@@ -11,6 +11,7 @@
 pub mod artifacts;
 pub mod event_log;
 pub mod metrics;
+pub mod partial_json;
 mod run;
 pub mod schema;
 pub mod tools;

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use sluice_protocol::api::{ArtifactStatus, MessageStatus, RunStatus};
+use sluice_protocol::api::{ArtifactKind, ArtifactStatus, ArtifactView, MessageStatus, RunStatus};
 use sluice_protocol::{ErrorCode, ErrorInfo, EventBody, Frame, Usage};
 use sluice_providers::{ChatMessage, Model, ModelEvent, ModelRequest, Role, ToolCall};
 use tokio::sync::mpsc;
@@ -45,6 +45,19 @@ struct Turn {
     text: String,
     calls: Vec<ToolCall>,
     results: Vec<ChatMessage>,
+}
+
+/// The least time between two intermediate states of an artifact being written.
+const DRAFT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// An artifact-creating call whose arguments are still being written.
+struct Draft {
+    kind: ArtifactKind,
+    artifact_id: String,
+    arguments: String,
+    shown_at: Option<Instant>,
+    /// The data last published, so an unchanged state is not sent again.
+    shown: serde_json::Value,
 }
 
 /// How the model part of a run ended.
@@ -269,6 +282,7 @@ impl RunTask {
         let mut running: JoinSet<(String, String, Result<serde_json::Value, String>)> =
             JoinSet::new();
         let (progress_tx, mut progress_rx) = mpsc::channel::<Report>(64);
+        let mut drafts: HashMap<String, Draft> = HashMap::new();
         let mut model_done = false;
         while !(model_done && running.is_empty()) {
             tokio::select! {
@@ -308,7 +322,13 @@ impl RunTask {
                         ModelEvent::ReasoningDone => EventBody::ReasoningDone {},
                         ModelEvent::TextDone => EventBody::TextDone {},
                         ModelEvent::FunctionCallDelta { call_id, name, delta } => {
-                            EventBody::FunctionCallDelta { call_id, name, delta }
+                            out.append(&EventBody::FunctionCallDelta {
+                                call_id: call_id.clone(),
+                                name: name.clone(),
+                                delta: delta.clone(),
+                            });
+                            self.draft(out, &mut drafts, &call_id, &name, &delta);
+                            continue;
                         }
                         ModelEvent::FunctionCallDone { call_id, name, arguments } => {
                             out.append(&EventBody::FunctionCallDone {
@@ -317,7 +337,8 @@ impl RunTask {
                                 arguments: arguments.clone(),
                             });
                             turn.calls.push(ToolCall { id: call_id.clone(), name: name.clone(), arguments: arguments.clone() });
-                            if let Some(rejected) = self.start_call(out, &mut running, &progress_tx, call_id.clone(), name, &arguments) {
+                            let artifact_id = drafts.remove(&call_id).map(|d| d.artifact_id);
+                            if let Some(rejected) = self.start_call(out, &mut running, &progress_tx, call_id.clone(), name, &arguments, artifact_id) {
                                 results.insert(call_id, rejected);
                             }
                             continue;
@@ -357,6 +378,7 @@ impl RunTask {
         call_id: String,
         name: String,
         arguments: &str,
+        artifact_id: Option<String>,
     ) -> Option<ChatMessage> {
         out.append(&EventBody::ToolExecutionStarted {
             call_id: call_id.clone(),
@@ -377,18 +399,67 @@ impl RunTask {
             let err = format!("invalid arguments: {}", errors.join("; "));
             return Some(self.finish_call(out, &call_id, &name, Err(err)));
         }
-        let ctx = ToolContext::new(
+        let mut ctx = ToolContext::new(
             &self.handle,
             call_id.clone(),
             name.clone(),
             progress.clone(),
             self.handle.cancel.child_token(),
         );
+        ctx.artifact_id = artifact_id;
         running.spawn(async move {
             let result = tool.call(args, ctx).await;
             (call_id, name, result)
         });
         None
+    }
+
+    /// Shows an artifact while the model is still writing the call that creates it: the arguments
+    /// so far are read as partial JSON and, at most every `DRAFT_INTERVAL`, published as the
+    /// artifact's intermediate state (same id and version as the final one to come).
+    fn draft(
+        &self,
+        out: &mut Appender,
+        drafts: &mut HashMap<String, Draft>,
+        call_id: &str,
+        name: &str,
+        delta: &str,
+    ) {
+        let Some(kind) = crate::artifacts::creates(name) else {
+            return;
+        };
+        let draft = drafts.entry(call_id.to_string()).or_insert_with(|| Draft {
+            kind,
+            artifact_id: crate::new_id(),
+            arguments: String::new(),
+            shown_at: None,
+            shown: serde_json::Value::Null,
+        });
+        draft.arguments.push_str(delta);
+        if draft.shown_at.is_some_and(|t| t.elapsed() < DRAFT_INTERVAL) {
+            return;
+        }
+        let Some(partial) = crate::partial_json::parse_partial(&draft.arguments) else {
+            return;
+        };
+        let data = crate::artifacts::intermediate_data(draft.kind, &partial);
+        if data == draft.shown {
+            return;
+        }
+        draft.shown = data.clone();
+        draft.shown_at = Some(Instant::now());
+        let artifact = ArtifactView {
+            id: draft.artifact_id.clone(),
+            thread_id: self.handle.thread_id.clone(),
+            run_id: self.handle.id.to_string(),
+            kind: draft.kind,
+            title: partial["title"].as_str().unwrap_or_default().to_string(),
+            version: 1,
+            status: ArtifactStatus::Intermediate,
+            data,
+            created_at: crate::now_ms(),
+        };
+        self.report(out, Report::Artifact(artifact));
     }
 
     /// Appends what a running call reported; an artifact version is also stored.

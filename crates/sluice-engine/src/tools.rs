@@ -45,6 +45,9 @@ pub struct ToolContext {
     /// The owner of the run's thread: what the tool may read is limited to it.
     pub owner: Arc<str>,
     pub call_id: String,
+    /// The artifact this call creates, when the run already showed it while the model was still
+    /// writing the call (an artifact-creating tool must then use this id).
+    pub artifact_id: Option<String>,
     tool_name: String,
     reports: mpsc::Sender<Report>,
     /// Cancelled when the run is cancelled: long tools should stop at the next chance.
@@ -64,6 +67,7 @@ impl ToolContext {
             thread_id: Arc::from(run.thread_id.as_str()),
             owner: Arc::from(run.owner.as_str()),
             call_id,
+            artifact_id: None,
             tool_name,
             reports,
             cancel,

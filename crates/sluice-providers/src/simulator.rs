@@ -439,7 +439,12 @@ async fn produce(
     for (i, (call_id, args)) in sc.calls.iter().enumerate() {
         let i = i as u32;
         emit!(w.tool_start(i, call_id, &sc.tool));
-        for p in split_in(args, 4) {
+        for p in split_in(args, (args.len() / 12).max(4)) {
+            // Argument fragments are paced like tokens, so a client sees a call being written.
+            if next_at > tokio::time::Instant::now() {
+                tokio::time::sleep_until(next_at).await;
+            }
+            next_at = tokio::time::Instant::now().max(next_at) + sc.gap;
             emit!(w.tool_delta(i, p));
         }
         emit!(w.tool_done(i, call_id, &sc.tool, args));

@@ -446,3 +446,70 @@ async fn documents_and_charts_are_created_as_artifacts() {
     let events = run(&server, "sim/sim?tokens=1&tools=1&tool=create_chart").await;
     assert!(events.iter().any(|e| matches!(&e.event.body, EventBody::ArtifactFinal { artifact } if artifact["kind"] == "chart")));
 }
+
+#[tokio::test]
+async fn an_artifact_builds_up_while_its_call_is_written_then_becomes_final() {
+    let (server, _) = server(Duration::from_millis(1)).await;
+    let events = run(
+        &server,
+        "sim/sim?tokens=1&tools=1&tool=create_table&gap_ms=60",
+    )
+    .await;
+    let artifacts: Vec<(u64, Value)> = events
+        .iter()
+        .filter_map(|e| match &e.event.body {
+            EventBody::ArtifactIntermediate { artifact }
+            | EventBody::ArtifactFinal { artifact } => Some((e.event.seq, artifact.clone())),
+            _ => None,
+        })
+        .collect();
+    let (last_seq, last) = artifacts.last().expect("artifacts");
+    assert_eq!(last["status"], "final");
+    let intermediates: Vec<&Value> = artifacts[..artifacts.len() - 1]
+        .iter()
+        .map(|(_, a)| a)
+        .collect();
+    assert!(
+        intermediates.len() >= 3,
+        "several intermediate states: {}",
+        intermediates.len()
+    );
+    let mut rows = 0;
+    for a in &intermediates {
+        assert_eq!(
+            (a["status"].as_str(), &a["id"]),
+            (Some("intermediate"), &last["id"]),
+            "one artifact"
+        );
+        let n = a["data"]["rows"].as_array().map(Vec::len).unwrap_or(0);
+        assert!(n >= rows, "a table only gains rows");
+        rows = n;
+    }
+    let counts: std::collections::BTreeSet<usize> = intermediates
+        .iter()
+        .map(|a| a["data"]["rows"].as_array().map(Vec::len).unwrap_or(0))
+        .collect();
+    assert!(
+        counts.len() >= 2 && rows >= 1,
+        "the table gained rows as they were written: {counts:?}"
+    );
+    // The intermediates came while the call was being written, before the tool ran.
+    let call_done = position(&events, |b| matches!(b, EventBody::FunctionCallDone { .. }));
+    assert!(
+        artifacts[0].0 < events[call_done].event.seq && *last_seq > events[call_done].event.seq
+    );
+    // Stored as final, version 1, with the complete table.
+    let id = last["id"].as_str().expect("id");
+    let stored: Value = reqwest::get(format!("{}/v1/artifacts/{id}", server.url))
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        (stored["status"].as_str(), stored["version"].as_u64()),
+        (Some("final"), Some(1))
+    );
+    assert_eq!(stored["data"]["rows"].as_array().map(Vec::len), Some(4));
+    assert_resumable(&server, &events).await;
+}
