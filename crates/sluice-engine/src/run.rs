@@ -47,6 +47,12 @@ struct Turn {
     results: Vec<ChatMessage>,
 }
 
+/// The calls of one step in flight, and where they report.
+struct Running {
+    calls: JoinSet<(String, String, Result<serde_json::Value, String>)>,
+    reports: mpsc::Sender<Report>,
+}
+
 /// The least time between two intermediate states of an artifact being written.
 const DRAFT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
 
@@ -278,18 +284,20 @@ impl RunTask {
         let cancel = self.handle.cancel.clone();
         let mut turn = Turn::default();
         let mut results: HashMap<String, ChatMessage> = HashMap::new();
-        // Dropping the set (on cancel or failure) aborts every running call.
-        let mut running: JoinSet<(String, String, Result<serde_json::Value, String>)> =
-            JoinSet::new();
         let (progress_tx, mut progress_rx) = mpsc::channel::<Report>(64);
+        // Dropping the set (on cancel or failure) aborts every running call.
+        let mut running = Running {
+            calls: JoinSet::new(),
+            reports: progress_tx,
+        };
         let mut drafts: HashMap<String, Draft> = HashMap::new();
         let mut model_done = false;
-        while !(model_done && running.is_empty()) {
+        while !(model_done && running.calls.is_empty()) {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return Err(Ending::Stopped),
                 Some(report) = progress_rx.recv() => self.report(out, report),
-                Some(joined) = running.join_next(), if !running.is_empty() => {
+                Some(joined) = running.calls.join_next(), if !running.calls.is_empty() => {
                     let (call_id, tool_name, result) = match joined {
                         Ok(r) => r,
                         Err(e) => {
@@ -338,7 +346,7 @@ impl RunTask {
                             });
                             turn.calls.push(ToolCall { id: call_id.clone(), name: name.clone(), arguments: arguments.clone() });
                             let artifact_id = drafts.remove(&call_id).map(|d| d.artifact_id);
-                            if let Some(rejected) = self.start_call(out, &mut running, &progress_tx, call_id.clone(), name, &arguments, artifact_id) {
+                            if let Some(rejected) = self.start_call(out, &mut running, call_id.clone(), name, &arguments, artifact_id) {
                                 results.insert(call_id, rejected);
                             }
                             continue;
@@ -373,8 +381,7 @@ impl RunTask {
     fn start_call(
         &self,
         out: &mut Appender,
-        running: &mut JoinSet<(String, String, Result<serde_json::Value, String>)>,
-        progress: &mpsc::Sender<Report>,
+        running: &mut Running,
         call_id: String,
         name: String,
         arguments: &str,
@@ -403,11 +410,11 @@ impl RunTask {
             &self.handle,
             call_id.clone(),
             name.clone(),
-            progress.clone(),
+            running.reports.clone(),
             self.handle.cancel.child_token(),
         );
         ctx.artifact_id = artifact_id;
-        running.spawn(async move {
+        running.calls.spawn(async move {
             let result = tool.call(args, ctx).await;
             (call_id, name, result)
         });
