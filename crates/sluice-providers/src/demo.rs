@@ -1,7 +1,10 @@
 //! The demo model: deterministic, offline, and honest about being a demo.
 //!
 //! It streams a short reasoning passage, then a markdown answer that quotes the question, one word
-//! (token) at a time at a configurable pace, then usage. The same question always gives the same
+//! (token) at a time at a configurable pace, then usage. When the artifact tools are offered, its
+//! first answer in a thread (or any answer asked for a table or a chart) ends with a `create_table`
+//! or `create_chart` call whose arguments stream in pieces, and its next step, seeing the result,
+//! adds a closing paragraph: a newcomer sees the whole pipeline with no provider configured. The same question always gives the same
 //! output, which the tests rely on. Pace 0 streams as fast as possible (benchmarks).
 
 use std::time::Duration;
@@ -9,7 +12,7 @@ use std::time::Duration;
 use futures_util::stream;
 use sluice_protocol::Usage;
 
-use crate::{Model, ModelEvent, ModelRequest, ModelStream};
+use crate::{Model, ModelEvent, ModelRequest, ModelStream, Role};
 
 #[derive(Debug, Clone, Copy)]
 pub struct DemoConfig {
@@ -82,56 +85,125 @@ fn next_token<'a>(text: &'a str, pos: &mut usize) -> Option<&'a str> {
     Some(&rest[..space_end])
 }
 
-/// Where a demo stream is. Tokens are cut from the two texts as they are sent, so a run costs its
-/// two strings, not a list of prepared events.
+/// The table the demo shows in a thread's first answer (or when asked for a table).
+const DEMO_TABLE: &str = r#"{"title":"What a Sluice run streams","columns":["event","what it carries"],"rows":[["run_started","the run, thread and message ids"],["reasoning_delta","the model's thinking, token by token"],["text_delta","the answer, token by token"],["function_call_delta","a tool call's arguments as they are written"],["tool_execution_progress","a running tool's current step"],["artifact_intermediate","a table, chart or document filling in"],["run_completed","usage and time to first token"]]}"#;
+
+/// The chart the demo draws when asked for one.
+const DEMO_CHART: &str = r#"{"title":"Tokens per second through the week","chart_type":"bar","labels":["Mon","Tue","Wed","Thu","Fri"],"series":[{"name":"demo","values":[28,31,30,33,29]},{"name":"target","values":[30,30,30,30,30]}]}"#;
+
+/// Where a demo stream is. Tokens are cut from the texts as they are sent, so a run costs its
+/// strings, not a list of prepared events.
 struct Cursor {
     reasoning: String,
     answer: String,
+    /// A tool call to write after the answer: (name, arguments).
+    call: Option<(&'static str, &'static str)>,
     phase: u8,
     pos: usize,
     usage: Usage,
+    stop: &'static str,
     pause: Option<Duration>,
     next_at: Option<tokio::time::Instant>,
 }
 
+/// Argument fragments are about this long, like a model writing a few tokens at a time.
+const FRAGMENT: usize = 12;
+
 impl Cursor {
     fn next_event(&mut self) -> Option<ModelEvent> {
-        let event = match self.phase {
-            0 => match next_token(&self.reasoning, &mut self.pos) {
-                Some(t) => ModelEvent::ReasoningDelta(t.to_string()),
-                None => {
-                    self.phase = 1;
-                    self.pos = 0;
-                    ModelEvent::ReasoningDone
+        loop {
+            let event = match self.phase {
+                0 => match next_token(&self.reasoning, &mut self.pos) {
+                    Some(t) => ModelEvent::ReasoningDelta(t.to_string()),
+                    None => {
+                        self.phase = 1;
+                        self.pos = 0;
+                        if self.reasoning.is_empty() {
+                            continue;
+                        }
+                        ModelEvent::ReasoningDone
+                    }
+                },
+                1 => match next_token(&self.answer, &mut self.pos) {
+                    Some(t) => ModelEvent::TextDelta(t.to_string()),
+                    None => {
+                        self.phase = 2;
+                        self.pos = 0;
+                        ModelEvent::TextDone
+                    }
+                },
+                2 => match self.call {
+                    Some((name, args)) if self.pos < args.len() => {
+                        let mut end = (self.pos + FRAGMENT).min(args.len());
+                        while !args.is_char_boundary(end) {
+                            end += 1;
+                        }
+                        let delta = args[self.pos..end].to_string();
+                        self.pos = end;
+                        ModelEvent::FunctionCallDelta {
+                            call_id: "demo_call_1".into(),
+                            name: name.into(),
+                            delta,
+                        }
+                    }
+                    Some((name, args)) => {
+                        self.phase = 3;
+                        ModelEvent::FunctionCallDone {
+                            call_id: "demo_call_1".into(),
+                            name: name.into(),
+                            arguments: args.into(),
+                        }
+                    }
+                    None => {
+                        self.phase = 3;
+                        continue;
+                    }
+                },
+                3 => {
+                    self.phase = 4;
+                    ModelEvent::Usage(self.usage)
                 }
-            },
-            1 => match next_token(&self.answer, &mut self.pos) {
-                Some(t) => ModelEvent::TextDelta(t.to_string()),
-                None => {
-                    self.phase = 2;
-                    ModelEvent::TextDone
+                4 => {
+                    self.phase = 5;
+                    ModelEvent::StopReason(self.stop.into())
                 }
-            },
-            2 => {
-                self.phase = 3;
-                ModelEvent::Usage(self.usage)
-            }
-            _ => return None,
-        };
-        Some(event)
+                _ => return None,
+            };
+            return Some(event);
+        }
     }
 }
 
 impl Model for DemoModel {
     fn stream(&self, request: ModelRequest) -> ModelStream {
-        let question = request
-            .messages
-            .iter()
-            .rev()
-            .find(|m| m.role == crate::Role::User)
-            .map(|m| m.content.clone())
+        let last_user = request.messages.iter().rposition(|m| m.role == Role::User);
+        let question = last_user
+            .map(|i| request.messages[i].content.clone())
             .unwrap_or_default();
-        let (reasoning, answer) = texts(&question);
+        let (before, after) = request.messages.split_at(last_user.unwrap_or(0));
+        let has_results = after.iter().any(|m| m.role == Role::Tool);
+        let first_answer = !before.iter().any(|m| m.role == Role::Assistant);
+        let offered = |name: &str| request.tools.iter().any(|t| t.name == name);
+        let asks = |word: &str| question.to_lowercase().contains(word);
+        let call = if has_results {
+            None
+        } else if asks("chart") && offered("create_chart") {
+            Some(("create_chart", DEMO_CHART))
+        } else if (asks("table") || first_answer) && offered("create_table") {
+            Some(("create_table", DEMO_TABLE))
+        } else {
+            None
+        };
+        let (reasoning, answer) = if has_results {
+            (
+                String::new(),
+                "\n\nThat artifact arrived as a tool call: it filled in while its arguments streamed, \
+                 then became final once the tool ran. Ask for a chart to watch one build up too."
+                    .to_string(),
+            )
+        } else {
+            texts(&question)
+        };
         let count = |t: &str| {
             let mut pos = 0;
             std::iter::from_fn(|| next_token(t, &mut pos)).count() as u64
@@ -141,7 +213,8 @@ impl Model for DemoModel {
             .iter()
             .map(|m| m.content.split_whitespace().count() as u64)
             .sum::<u64>();
-        let (reasoning_tokens, output_tokens) = (count(&reasoning), count(&answer));
+        let call_tokens = call.map_or(0, |(_, args)| args.len().div_ceil(FRAGMENT) as u64);
+        let (reasoning_tokens, output_tokens) = (count(&reasoning), count(&answer) + call_tokens);
         let usage = Usage {
             input_tokens,
             output_tokens,
@@ -156,19 +229,23 @@ impl Model for DemoModel {
         let cursor = Cursor {
             reasoning,
             answer,
+            call,
             phase: 0,
             pos: 0,
             usage,
+            stop: if call.is_some() { "tool_calls" } else { "stop" },
             pause,
             next_at: None,
         };
         Box::pin(stream::unfold(cursor, |mut cur| async move {
             let event = cur.next_event()?;
-            let is_token = matches!(
+            let paced = matches!(
                 event,
-                ModelEvent::TextDelta(_) | ModelEvent::ReasoningDelta(_)
+                ModelEvent::TextDelta(_)
+                    | ModelEvent::ReasoningDelta(_)
+                    | ModelEvent::FunctionCallDelta { .. }
             );
-            if is_token {
+            if paced {
                 match cur.pause {
                     // Pace against a schedule, not "sleep after each token", so the rate holds
                     // whatever time the consumer spends between polls.

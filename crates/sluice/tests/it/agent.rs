@@ -513,3 +513,71 @@ async fn an_artifact_builds_up_while_its_call_is_written_then_becomes_final() {
     assert_eq!(stored["data"]["rows"].as_array().map(Vec::len), Some(4));
     assert_resumable(&server, &events).await;
 }
+
+#[tokio::test]
+async fn the_demo_model_shows_the_whole_pipeline_with_a_table_then_a_chart_on_request() {
+    let server = TestServer::start(Opts {
+        tokens_per_sec: 2000.0,
+        ..Opts::default()
+    })
+    .await;
+    let client = server.client();
+    let first = collect(
+        client
+            .stream_run(None, &req("hello"))
+            .await
+            .expect("stream"),
+    )
+    .await;
+    let kinds: Vec<EventKind> = first.iter().map(|e| e.event.body.kind()).collect();
+    let fragments = kinds
+        .iter()
+        .filter(|k| **k == EventKind::FunctionCallDelta)
+        .count();
+    assert!(
+        fragments > 10,
+        "the call's arguments arrive in pieces ({fragments})"
+    );
+    let intermediate = kinds
+        .iter()
+        .filter(|k| **k == EventKind::ArtifactIntermediate)
+        .count();
+    assert!(intermediate >= 1, "the table builds up live");
+    let fin = position(
+        &first,
+        |b| matches!(b, EventBody::ArtifactFinal { artifact } if artifact["kind"] == "table"),
+    );
+    assert!(
+        text_of(&first[fin..]).contains("That artifact arrived as a tool call"),
+        "the answer continues after the result"
+    );
+    assert_eq!(kinds.last(), Some(&EventKind::RunCompleted));
+    let thread_id = match &first[0].event.body {
+        EventBody::RunStarted { thread_id, .. } => thread_id.clone(),
+        _ => unreachable!(),
+    };
+    // Not the first answer and no table asked for: plain text.
+    let second = collect(
+        client
+            .stream_run(Some(&thread_id), &req("and then?"))
+            .await
+            .expect("stream"),
+    )
+    .await;
+    assert!(
+        !second
+            .iter()
+            .any(|e| e.event.body.kind() == EventKind::FunctionCallDelta)
+    );
+    // Asked for a chart: a chart.
+    let third = collect(
+        client
+            .stream_run(Some(&thread_id), &req("draw me a chart"))
+            .await
+            .expect("stream"),
+    )
+    .await;
+    assert!(third.iter().any(|e| matches!(&e.event.body, EventBody::ArtifactFinal { artifact } if artifact["kind"] == "chart")));
+    let thread = client.get_thread(&thread_id).await.expect("thread");
+    assert_eq!(thread.artifacts.expect("artifacts").len(), 2);
+}
