@@ -69,6 +69,20 @@ pub struct FileConfig {
     /// Aliases and fallback lists: `[models.fast]`, or `[models."openai/gpt-5"]` for fallbacks alone.
     #[serde(default)]
     pub models: BTreeMap<String, ModelSection>,
+    /// HTTP tools: `[tools.weather]`.
+    #[serde(default)]
+    pub tools: BTreeMap<String, ToolSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolSection {
+    /// Where the call's arguments are POSTed.
+    pub url: String,
+    pub description: Option<String>,
+    /// The JSON Schema of the arguments, as a TOML table.
+    pub parameters: Option<toml::Value>,
+    pub timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -233,6 +247,10 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Config> {
             )
         })
         .collect();
+    let mut tools = sluice_engine::ToolRegistry::new();
+    for (name, t) in file.tools {
+        tools.add(std::sync::Arc::new(http_tool_from_file(&name, t)?));
+    }
     Ok(Config {
         listen,
         data_dir,
@@ -242,7 +260,7 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Config> {
         http,
         providers: providers.into_values().collect(),
         aliases,
-        tools: sluice_engine::ToolRegistry::new(),
+        tools,
     })
 }
 
@@ -275,6 +293,33 @@ pub fn env_providers(get: &dyn Fn(&str) -> Option<String>) -> Vec<ProviderSpec> 
         out.push(ProviderSpec::new("ollama", WireKind::Ollama, host));
     }
     out
+}
+
+fn http_tool_from_file(name: &str, t: ToolSection) -> anyhow::Result<crate::http_tool::HttpTool> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        bail!("tools.{name:?}: a tool name is letters, digits, '_' or '-'");
+    }
+    if !(t.url.starts_with("http://") || t.url.starts_with("https://")) {
+        bail!("tools.{name}.url must start with http:// or https://");
+    }
+    let parameters = match t.parameters {
+        Some(p) => serde_json::to_value(p).with_context(|| format!("tools.{name}.parameters"))?,
+        None => serde_json::json!({"type": "object"}),
+    };
+    let spec = sluice_providers::ToolSpec {
+        name: name.to_string(),
+        description: t.description.unwrap_or_default(),
+        parameters,
+    };
+    Ok(crate::http_tool::HttpTool::new(
+        spec,
+        t.url,
+        Duration::from_millis(t.timeout_ms.unwrap_or(30_000)),
+    ))
 }
 
 fn provider_from_file(name: &str, s: ProviderSection) -> anyhow::Result<ProviderSpec> {
@@ -394,6 +439,7 @@ mod tests {
         assert_eq!(vllm.url(), "http://127.0.0.1:8000/v1/chat/completions");
         assert_eq!(vllm.retry.max_retries, 0);
         assert_eq!(cfg.aliases[0].0, "fast");
+        assert!(cfg.tools.is_empty());
         assert_eq!(cfg.aliases[0].1.fallbacks, ["demo"]);
         std::fs::write(&path, "[providers.x]\nkind = \"grpc\"\n").expect("write");
         let err = format!("{:#}", load(&a).err().expect("rejected"));

@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod chat;
 pub mod config;
+pub mod http_tool;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -581,3 +581,118 @@ async fn the_demo_model_shows_the_whole_pipeline_with_a_table_then_a_chart_on_re
     let thread = client.get_thread(&thread_id).await.expect("thread");
     assert_eq!(thread.artifacts.expect("artifacts").len(), 2);
 }
+
+/// An HTTP tool endpoint that streams NDJSON progress lines, then its result.
+async fn ndjson_tool_endpoint() -> String {
+    use axum::body::Body;
+    use axum::routing::post;
+    use futures_util::StreamExt;
+    let app = axum::Router::new().route(
+        "/lookup",
+        post(|axum::Json(args): axum::Json<Value>| async move {
+            let lines = vec![
+                json!({"progress": {"step": "fetching", "fraction": 0.3}}),
+                json!({"progress": {"step": "parsing", "fraction": 0.8, "message": "almost"}}),
+                json!({"result": {"temp": 21, "query": args["query"]}}),
+            ];
+            let stream = futures_util::stream::iter(lines).then(|l| async move {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                Ok::<_, std::io::Error>(format!("{l}\n"))
+            });
+            axum::response::Response::builder()
+                .header("content-type", "application/x-ndjson")
+                .body(Body::from_stream(stream))
+                .expect("response")
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/lookup", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+#[tokio::test]
+async fn an_http_tool_from_the_config_file_streams_its_progress_lines() {
+    let tool_url = ndjson_tool_endpoint().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let sim = format!("http://{}/v1", listener.local_addr().expect("addr"));
+    tokio::spawn(sluice_providers::simulator::serve(listener));
+    let dir = tempfile::tempdir().expect("tmp");
+    let config_path = dir.path().join("sluice.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            r#"
+listen = "127.0.0.1:0"
+data_dir = "{data}"
+
+[providers.sim]
+kind = "openai-chat"
+base_url = "{sim}"
+
+[tools.lookup_remote]
+url = "{tool_url}"
+description = "Looks things up somewhere else"
+timeout_ms = 5000
+
+[tools.lookup_remote.parameters]
+type = "object"
+required = ["query"]
+
+[tools.lookup_remote.parameters.properties.query]
+type = "string"
+"#,
+            data = dir.path().join("data").display()
+        ),
+    )
+    .expect("write config");
+    let args = sluice::config::ServeArgs {
+        listen: None,
+        data_dir: None,
+        config: Some(config_path),
+        demo_tokens_per_sec: None,
+        api_keys: None,
+        heartbeat_ms: None,
+        default_model: None,
+    };
+    let running = sluice::start(sluice::config::load(&args).expect("config"))
+        .await
+        .expect("start");
+    let client = sluice_client::Client::new(running.url());
+    let mut r = req("look it up remotely");
+    r.model = Some("sim/sim?tokens=1&tools=1&tool=lookup_remote".into());
+    let events = collect(client.stream_run(None, &r).await.expect("stream")).await;
+    let steps: Vec<(String, Option<f64>)> = events
+        .iter()
+        .filter_map(|e| match &e.event.body {
+            EventBody::ToolExecutionProgress {
+                step,
+                fraction,
+                tool_name,
+                ..
+            } if tool_name == "lookup_remote" => Some((step.clone(), *fraction)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        vec![
+            ("fetching".to_string(), Some(0.3)),
+            ("parsing".to_string(), Some(0.8))
+        ]
+    );
+    let result = events
+        .iter()
+        .find_map(|e| match &e.event.body {
+            EventBody::ToolExecutionCompleted { result, .. } => Some(result.clone()),
+            _ => None,
+        })
+        .expect("completed");
+    assert_eq!(result, json!({"temp": 21, "query": "item 0"}));
+    assert!(text_of(&events).contains("Using 1 results."));
+    running.shutdown().await.expect("shutdown");
+}
