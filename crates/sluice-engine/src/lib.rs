@@ -83,6 +83,20 @@ pub struct EngineConfig {
     pub max_active_runs_per_owner: usize,
     /// The most model calls in one run (each step runs the tools the model called, then calls it again).
     pub max_steps: u32,
+    /// Named agents; a run may name one.
+    pub agents: HashMap<String, Agent>,
+    /// The agent of runs that name none (none: all tools, the default model, no system prompt).
+    pub default_agent: Option<String>,
+}
+
+/// A named configuration of a run: which model, with what instructions, which tools, how many steps.
+#[derive(Debug, Clone, Default)]
+pub struct Agent {
+    pub model: Option<String>,
+    pub system_prompt: Option<String>,
+    /// The tools offered, by name; all registered tools when `None`.
+    pub tools: Option<Vec<String>>,
+    pub max_steps: Option<u32>,
 }
 
 impl Default for EngineConfig {
@@ -94,6 +108,8 @@ impl Default for EngineConfig {
             max_content_bytes: 256 * 1024,
             max_active_runs_per_owner: 0,
             max_steps: 8,
+            agents: HashMap::new(),
+            default_agent: None,
         }
     }
 }
@@ -415,9 +431,31 @@ impl Engine {
                 self.inner.config.max_content_bytes
             )));
         }
+        let agent_name = request
+            .agent
+            .clone()
+            .or_else(|| self.inner.config.default_agent.clone());
+        let agent = match &agent_name {
+            Some(name) => self.inner.config.agents.get(name).cloned().ok_or_else(|| {
+                let mut known: Vec<&str> = self
+                    .inner
+                    .config
+                    .agents
+                    .keys()
+                    .map(String::as_str)
+                    .collect();
+                known.sort();
+                EngineError::InvalidRequest(format!(
+                    "unknown agent {name:?}; configured: {}",
+                    known.join(", ")
+                ))
+            })?,
+            None => Agent::default(),
+        };
         let model_name = request
             .model
             .clone()
+            .or_else(|| agent.model.clone())
             .unwrap_or_else(|| self.inner.config.default_model.clone());
         let resolved = self
             .inner
@@ -516,6 +554,7 @@ impl Engine {
             new_thread,
             model: resolved.model,
             upstream_model: resolved.upstream,
+            agent,
             model_name,
             content: request.content,
             accepted,

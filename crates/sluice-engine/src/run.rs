@@ -34,6 +34,8 @@ pub(crate) struct RunTask {
     pub model_name: String,
     /// The model name sent to the provider (`gpt-5`).
     pub upstream_model: String,
+    /// The agent the run uses (system prompt, tools, step limit).
+    pub agent: crate::Agent,
     pub content: String,
     /// When the run was accepted: the zero of time to first token.
     pub accepted: Instant,
@@ -243,8 +245,24 @@ impl RunTask {
             Ok(m) => m,
             Err(error) => return Ending::Failed(error),
         };
-        let tools = self.inner.tools.specs();
-        let max_steps = self.inner.config.max_steps.max(1);
+        let tools: Vec<sluice_providers::ToolSpec> = match &self.agent.tools {
+            Some(names) => self
+                .inner
+                .tools
+                .specs()
+                .into_iter()
+                .filter(|t| names.contains(&t.name))
+                .collect(),
+            None => self.inner.tools.specs(),
+        };
+        if let Some(prompt) = &self.agent.system_prompt {
+            messages.insert(0, ChatMessage::text(Role::System, prompt.clone()));
+        }
+        let max_steps = self
+            .agent
+            .max_steps
+            .unwrap_or(self.inner.config.max_steps)
+            .max(1);
         for step in 1..=max_steps {
             tracing::debug!(run_id = %self.handle.id, step, since_accepted_us = self.accepted.elapsed().as_micros() as u64, "calling the model");
             let stream = self.model.stream(ModelRequest {
@@ -391,7 +409,12 @@ impl RunTask {
             call_id: call_id.clone(),
             tool_name: name.clone(),
         });
-        let Some(tool) = self.inner.tools.get(&name).cloned() else {
+        let offered = self
+            .agent
+            .tools
+            .as_ref()
+            .is_none_or(|names| names.contains(&name));
+        let Some(tool) = self.inner.tools.get(&name).filter(|_| offered).cloned() else {
             let err = format!("there is no tool named {name:?}");
             return Some(self.finish_call(out, &call_id, &name, Err(err)));
         };

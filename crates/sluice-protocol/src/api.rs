@@ -53,6 +53,9 @@ pub struct RunRequest {
     pub on_busy: OnBusy,
     #[serde(default)]
     pub on_disconnect: OnDisconnect,
+    /// The agent to run (its model, system prompt, tools and step limit); the default agent when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -288,6 +291,8 @@ pub enum WsClientMessage {
         model: Option<String>,
         #[serde(default)]
         on_busy: OnBusy,
+        #[serde(default)]
+        agent: Option<String>,
     },
     /// Follow a run from after `after` (0 = from the start).
     Subscribe {

@@ -21,6 +21,7 @@
 //! | `bad_args` | `1`: the first call's arguments break its schema (`query` is a number) | 0 |
 //! | `tool` | the function called: `lookup`, `create_table`, `create_chart`, `create_document`, `update_artifact` | lookup |
 //! | `artifact` | with `tool=update_artifact`: the artifact id to update (appends a row) | |
+//! | `describe` | `1`: answer `system=<prompt, spaces as _> tools=<names>` (what the request carried) | 0 |
 //! | `id` | a label with no effect but to make a model name (and so its `times` count) unique | |
 //!
 //! Tools make it a multi-step model: a request whose conversation already holds tool results is
@@ -78,6 +79,8 @@ pub struct Scenario {
     after: u32,
     echo_auth: bool,
     bad_args: bool,
+    /// Answer with a description of the request (its system prompt and tools) instead of tokens.
+    describe: bool,
     /// The function the calls name, and so the shape of their arguments.
     tool: String,
     /// For `tool=update_artifact`: the artifact to update.
@@ -103,6 +106,7 @@ impl Scenario {
             after: 0,
             echo_auth: false,
             bad_args: false,
+            describe: false,
             tool: "lookup".into(),
             artifact: String::new(),
             answer: Vec::new(),
@@ -131,6 +135,7 @@ impl Scenario {
                 "id" => {}
                 "echo_auth" => s.echo_auth = v == "1",
                 "bad_args" => s.bad_args = v == "1",
+                "describe" => s.describe = v == "1",
                 "tool" => s.tool = v.to_string(),
                 "artifact" => s.artifact = v.to_string(),
                 "fault" => {
@@ -274,6 +279,11 @@ async fn handle(
     }
     let mut scenario = scenario;
     plan(&mut scenario, &String::from_utf8_lossy(&body));
+    if scenario.describe {
+        scenario.answer = describe(&req);
+        scenario.tokens = scenario.answer.len() as u32;
+        scenario.calls.clear();
+    }
     stats.active.fetch_add(1, Ordering::Relaxed);
     let guard = StreamGuard {
         stats: stats.clone(),
@@ -300,6 +310,37 @@ fn tokio_stream_from(
     futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     })
+}
+
+/// What a request carried, in any dialect: its system prompt and its tools' names.
+fn describe(req: &serde_json::Value) -> Vec<String> {
+    let system = req["instructions"]
+        .as_str()
+        .or_else(|| req["system"].as_str())
+        .or_else(|| {
+            req["messages"]
+                .as_array()?
+                .iter()
+                .find(|m| m["role"] == "system")
+                .and_then(|m| m["content"].as_str())
+        })
+        .unwrap_or("");
+    let tools: Vec<&str> = req["tools"]
+        .as_array()
+        .map(|t| {
+            t.iter()
+                .filter_map(|t| {
+                    t["function"]["name"]
+                        .as_str()
+                        .or_else(|| t["name"].as_str())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    vec![
+        format!("system={} ", system.replace(' ', "_")),
+        format!("tools={} ", tools.join(",")),
+    ]
 }
 
 /// Decides the answer and the calls from what the conversation holds so far.

@@ -84,12 +84,14 @@ async fn session(st: Arc<AppState>, owner: String, socket: WebSocket) {
                 content,
                 model,
                 on_busy,
+                agent,
             } => {
                 let req = RunRequest {
                     content,
                     model,
                     on_busy,
                     on_disconnect: Default::default(),
+                    agent,
                 };
                 let started = st.engine.start_run(&owner, thread_id.as_deref(), req).await;
                 match started {

@@ -38,6 +38,7 @@ pub async fn run(args: ChatArgs) -> anyhow::Result<()> {
         model: args.model.clone(),
         on_busy: Default::default(),
         on_disconnect: Default::default(),
+        agent: None,
     };
     let mut stream = client.stream_run(args.thread.as_deref(), &req).await?;
     let mut out = std::io::stdout().lock();

@@ -72,6 +72,21 @@ pub struct FileConfig {
     /// HTTP tools: `[tools.weather]`.
     #[serde(default)]
     pub tools: BTreeMap<String, ToolSection>,
+    /// Named agents: `[agents.analyst]`.
+    #[serde(default)]
+    pub agents: BTreeMap<String, AgentSection>,
+    /// The agent of runs that name none.
+    pub default_agent: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    pub model: Option<String>,
+    pub system_prompt: Option<String>,
+    /// Tool names (built-in or `[tools.*]`); all tools when absent.
+    pub tools: Option<Vec<String>>,
+    pub max_steps: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -212,6 +227,22 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Config> {
             .max_active_runs_per_owner
             .unwrap_or(defaults.max_active_runs_per_owner),
         max_steps: file.max_steps.unwrap_or(defaults.max_steps),
+        agents: file
+            .agents
+            .into_iter()
+            .map(|(name, a)| {
+                (
+                    name,
+                    sluice_engine::Agent {
+                        model: a.model,
+                        system_prompt: a.system_prompt,
+                        tools: a.tools,
+                        max_steps: a.max_steps,
+                    },
+                )
+            })
+            .collect(),
+        default_agent: file.default_agent,
     };
     let http = HttpConfig {
         heartbeat: Duration::from_millis(heartbeat_ms),

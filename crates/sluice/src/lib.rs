@@ -93,6 +93,27 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     for tool in config.tools.all() {
         registry_tools.add(tool);
     }
+    // Agents may only name tools and models that exist.
+    let mut names: Vec<&String> = config.engine.agents.keys().collect();
+    names.sort();
+    for name in names {
+        let agent = &config.engine.agents[name];
+        for tool in agent.tools.iter().flatten() {
+            if registry_tools.get(tool).is_none() {
+                anyhow::bail!("agents.{name}.tools: there is no tool {tool:?}");
+            }
+        }
+        if let Some(model) = &agent.model {
+            models
+                .resolve(model)
+                .map_err(|e| anyhow::anyhow!("agents.{name}.model: {e}"))?;
+        }
+    }
+    if let Some(default) = &config.engine.default_agent
+        && !config.engine.agents.contains_key(default)
+    {
+        anyhow::bail!("default_agent {default:?} is not one of [agents.*]");
+    }
     let tools = Arc::new(registry_tools);
     let engine = Engine::new(store, models, tools, config.engine.clone(), metrics);
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -696,3 +696,71 @@ type = "string"
     assert!(text_of(&events).contains("Using 1 results."));
     running.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test]
+async fn an_agent_brings_its_model_system_prompt_tools_and_step_limit() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let sim = format!("http://{}/v1", listener.local_addr().expect("addr"));
+    tokio::spawn(sluice_providers::simulator::serve(listener));
+    let mut agents = std::collections::HashMap::new();
+    agents.insert(
+        "analyst".to_string(),
+        sluice_engine::Agent {
+            model: Some("sim/sim?describe=1".into()),
+            system_prompt: Some("You analyse data".into()),
+            tools: Some(vec!["create_table".into(), "create_chart".into()]),
+            max_steps: Some(2),
+        },
+    );
+    agents.insert(
+        "looper".to_string(),
+        sluice_engine::Agent {
+            model: Some("sim/sim?tokens=1&tools=1".into()),
+            system_prompt: None,
+            tools: None,
+            max_steps: Some(1),
+        },
+    );
+    let server = TestServer::start(Opts {
+        providers: vec![ProviderSpec::new("sim", WireKind::OpenAiChat, sim)],
+        agents,
+        default_agent: Some("analyst".into()),
+        ..Opts::default()
+    })
+    .await;
+    let client = server.client();
+    // The default agent: its model, its system prompt and only its tools reach the provider.
+    let events = collect(client.stream_run(None, &req("hi")).await.expect("stream")).await;
+    assert_eq!(
+        text_of(&events),
+        "system=You_analyse_data tools=create_chart,create_table "
+    );
+    // Another agent by name: one step, so the tool call is made but the model is not called again.
+    let mut r = req("hi");
+    r.agent = Some("looper".into());
+    let events = collect(client.stream_run(None, &r).await.expect("stream")).await;
+    let EventBody::RunCompleted { stop_reason, .. } = &events.last().expect("last").event.body
+    else {
+        panic!("completed")
+    };
+    assert_eq!(stop_reason.as_deref(), Some("max_steps"));
+    // An unknown agent is a clear 400.
+    let mut r = req("hi");
+    r.agent = Some("nobody".into());
+    match client.stream_run(None, &r).await {
+        Err(sluice_client::ClientError::Api {
+            status: 400,
+            message,
+            ..
+        }) => {
+            assert!(
+                message.contains("unknown agent \"nobody\"") && message.contains("analyst"),
+                "{message}"
+            )
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("accepted an unknown agent"),
+    }
+}

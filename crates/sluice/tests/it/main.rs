@@ -32,6 +32,8 @@ pub struct Opts {
     pub default_model: Option<String>,
     pub tools: sluice_engine::ToolRegistry,
     pub max_steps: u32,
+    pub agents: std::collections::HashMap<String, sluice_engine::Agent>,
+    pub default_agent: Option<String>,
 }
 
 impl Default for Opts {
@@ -49,6 +51,8 @@ impl Default for Opts {
             default_model: None,
             tools: sluice_engine::ToolRegistry::new(),
             max_steps: 8,
+            agents: Default::default(),
+            default_agent: None,
         }
     }
 }
@@ -76,6 +80,8 @@ impl TestServer {
                 max_active_runs_per_owner: opts.max_runs_per_owner,
                 default_model: opts.default_model.unwrap_or_else(|| "demo".into()),
                 max_steps: opts.max_steps,
+                agents: opts.agents,
+                default_agent: opts.default_agent,
                 ..EngineConfig::default()
             },
             http: HttpConfig {
@@ -106,6 +112,7 @@ pub fn req(content: &str) -> RunRequest {
         model: None,
         on_busy: Default::default(),
         on_disconnect: Default::default(),
+        agent: None,
     }
 }
 
