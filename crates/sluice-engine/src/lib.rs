@@ -15,6 +15,7 @@ pub mod partial_json;
 mod run;
 pub mod schema;
 pub mod tools;
+mod turns;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};

@@ -115,8 +115,15 @@ impl RunTask {
         let mut ttft: Option<f64> = None;
         let mut stop_reason: Option<String> = None;
 
+        let mut turns: Vec<ChatMessage> = Vec::new();
         let ending = self
-            .run_model(&mut out, &mut usage, &mut ttft, &mut stop_reason)
+            .run_model(
+                &mut out,
+                &mut usage,
+                &mut ttft,
+                &mut stop_reason,
+                &mut turns,
+            )
             .await;
         let ending = match ending {
             // A cancel that races the model's last event still counts as a completion.
@@ -190,6 +197,7 @@ impl RunTask {
             time_to_first_token_ms: ttft,
             error,
             ended_at: now_ms(),
+            turns: (!turns.is_empty()).then(|| crate::turns::to_json(&turns).to_string()),
         });
         if let Ok(mut busy) = self.inner.busy.lock()
             && let Some(queue) = busy.get_mut(&handle.thread_id)
@@ -224,6 +232,7 @@ impl RunTask {
         usage: &mut Usage,
         ttft: &mut Option<f64>,
         stop_reason: &mut Option<String>,
+        turns: &mut Vec<ChatMessage>,
     ) -> Ending {
         let cancel = self.handle.cancel.clone();
         if let Some(prev) = &self.predecessor {
@@ -275,10 +284,17 @@ impl RunTask {
                 Err(ending) => return ending,
             };
             if turn.calls.is_empty() {
+                if !turns.is_empty() {
+                    turns.push(ChatMessage::text(Role::Assistant, turn.text));
+                }
                 return Ending::Completed;
             }
-            // The model called tools: their results go back to it for the next step.
-            messages.push(ChatMessage::assistant_calls(turn.text, turn.calls));
+            // The model called tools: their results go back to it for the next step, and the
+            // turns are kept with the message so that later runs see them too.
+            let call_turn = ChatMessage::assistant_calls(turn.text, turn.calls);
+            turns.push(call_turn.clone());
+            turns.extend(turn.results.iter().cloned());
+            messages.push(call_turn);
             messages.extend(turn.results);
             if step == max_steps {
                 tracing::warn!(run_id = %self.handle.id, max_steps, "run stopped at its step limit");
@@ -579,8 +595,11 @@ impl RunTask {
                 messages.push(ChatMessage::text(role, m.content));
                 break;
             }
-            if !m.content.is_empty() {
-                messages.push(ChatMessage::text(role, m.content));
+            // A run that called tools left its turns: the model sees the calls and results too.
+            match m.turns.as_ref().map(crate::turns::from_json) {
+                Some(turns) if !turns.is_empty() => messages.extend(turns),
+                _ if !m.content.is_empty() => messages.push(ChatMessage::text(role, m.content)),
+                _ => {}
             }
         }
         Ok(messages)

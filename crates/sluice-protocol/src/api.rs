@@ -144,6 +144,12 @@ pub struct MessageView {
     pub run_id: Option<String>,
     /// Milliseconds since the Unix epoch.
     pub created_at: i64,
+    /// For an assistant message whose run called tools: the run's turns in order —
+    /// `{"role":"assistant","content","tool_calls":[{"id","name","arguments"}]}` and
+    /// `{"role":"tool","tool_call_id","tool_name","content"}`, ending with the final answer.
+    /// Later runs send these to the model as the thread's history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turns: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

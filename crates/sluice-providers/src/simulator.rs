@@ -21,7 +21,7 @@
 //! | `bad_args` | `1`: the first call's arguments break its schema (`query` is a number) | 0 |
 //! | `tool` | the function called: `lookup`, `create_table`, `create_chart`, `create_document`, `update_artifact` | lookup |
 //! | `artifact` | with `tool=update_artifact`: the artifact id to update (appends a row) | |
-//! | `describe` | `1`: answer `system=<prompt, spaces as _> tools=<names>` (what the request carried) | 0 |
+//! | `describe` | `1`: answer `system=<prompt, spaces as _> tools=<names> history_results=<n>` (what the request carried) | 0 |
 //! | `id` | a label with no effect but to make a model name (and so its `times` count) unique | |
 //!
 //! Tools make it a multi-step model: a request whose conversation already holds tool results is
@@ -278,7 +278,7 @@ async fn handle(
         return resp;
     }
     let mut scenario = scenario;
-    plan(&mut scenario, &String::from_utf8_lossy(&body));
+    plan(&mut scenario, &req);
     if scenario.describe {
         scenario.answer = describe(&req);
         scenario.tokens = scenario.answer.len() as u32;
@@ -337,23 +337,57 @@ fn describe(req: &serde_json::Value) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default();
+    let items = req["messages"]
+        .as_array()
+        .or_else(|| req["input"].as_array());
+    let results: usize = items
+        .map(|items| {
+            items
+                .iter()
+                .map(|i| {
+                    if i["role"] == "tool" || i["type"] == "function_call_output" {
+                        1
+                    } else {
+                        i["content"].as_array().map_or(0, |c| {
+                            c.iter().filter(|b| b["type"] == "tool_result").count()
+                        })
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0);
     vec![
         format!("system={} ", system.replace(' ', "_")),
         format!("tools={} ", tools.join(",")),
+        format!("history_results={results} "),
     ]
 }
 
-/// Decides the answer and the calls from what the conversation holds so far.
-fn plan(sc: &mut Scenario, body: &str) {
-    // Sluice writes compact JSON, so each tool result carries exactly one of these markers.
-    let results = [
-        "\"role\":\"tool\"",
-        "\"type\":\"function_call_output\"",
-        "\"type\":\"tool_result\"",
-    ]
-    .iter()
-    .map(|m| body.matches(m).count() as u32)
-    .sum::<u32>();
+/// Tool results in the conversation since the user's last message, in any dialect.
+fn results_since_last_user(req: &serde_json::Value) -> u32 {
+    let items = req["messages"]
+        .as_array()
+        .or_else(|| req["input"].as_array());
+    let Some(items) = items else { return 0 };
+    let tool_results = |item: &serde_json::Value| -> u32 {
+        if item["role"] == "tool" || item["type"] == "function_call_output" {
+            return 1;
+        }
+        item["content"]
+            .as_array()
+            .map(|c| c.iter().filter(|b| b["type"] == "tool_result").count() as u32)
+            .unwrap_or(0)
+    };
+    let last_user = items
+        .iter()
+        .rposition(|i| i["role"] == "user" && tool_results(i) == 0)
+        .map_or(0, |p| p + 1);
+    items[last_user..].iter().map(tool_results).sum()
+}
+
+/// Decides the answer and the calls from what the conversation holds since the user's last message.
+fn plan(sc: &mut Scenario, req: &serde_json::Value) {
+    let results = results_since_last_user(req);
     let tool = sc.tool.clone();
     let artifact = sc.artifact.clone();
     let args = move |i: u32| match tool.as_str() {

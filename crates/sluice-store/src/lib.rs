@@ -81,6 +81,8 @@ pub struct RunEnd {
     pub time_to_first_token_ms: Option<f64>,
     pub error: Option<ErrorInfo>,
     pub ended_at: i64,
+    /// The run's turns when it called tools (JSON), kept with the assistant message.
+    pub turns: Option<String>,
 }
 
 /// A run as stored, with what resume needs besides the public view.

@@ -157,6 +157,7 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         let recovered = recover(&mut conn)?;
         let (tx, rx) = mpsc::channel();
         let depth = Arc::new(AtomicUsize::new(0));
@@ -257,6 +258,17 @@ impl Store for SqliteStore {
 /// Closes every run that was queued or running when the last process died: appends a terminal
 /// `run_interrupted` event in epoch 2 right after the last stored event, marks the run interrupted
 /// and its assistant message incomplete (its content is what had been checkpointed).
+/// Brings a database made by an earlier version up to date (columns added since).
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let has_turns = conn
+        .prepare("SELECT 1 FROM pragma_table_info('messages') WHERE name = 'turns'")?
+        .exists([])?;
+    if !has_turns {
+        conn.execute_batch("ALTER TABLE messages ADD COLUMN turns TEXT")?;
+    }
+    Ok(())
+}
+
 fn recover(conn: &mut Connection) -> Result<Vec<RecoveredRun>, StoreError> {
     let tx = conn.transaction()?;
     let mut found = Vec::new();
@@ -562,8 +574,8 @@ fn finish_run(tx: &Transaction<'_>, end: &RunEnd) -> Result<(), StoreError> {
         ],
     )?;
     tx.execute(
-        "UPDATE messages SET status = ?2 WHERE id = ?1",
-        params![&*end.message_id, end.message_status.as_str()],
+        "UPDATE messages SET status = ?2, turns = COALESCE(?3, turns) WHERE id = ?1",
+        params![&*end.message_id, end.message_status.as_str(), end.turns],
     )?;
     Ok(())
 }
@@ -592,7 +604,7 @@ fn get_thread(
         return Ok(None);
     };
     let mut stmt = tx.prepare_cached(
-        "SELECT id, thread_id, role, content, reasoning, status, run_id, created_at
+        "SELECT id, thread_id, role, content, reasoning, status, run_id, created_at, turns
          FROM messages WHERE thread_id = ?1 ORDER BY created_at, rowid",
     )?;
     let rows = stmt.query_map(params![id], |row| {
@@ -606,6 +618,9 @@ fn get_thread(
                 status: MessageStatus::Complete,
                 run_id: row.get(6)?,
                 created_at: row.get(7)?,
+                turns: row
+                    .get::<_, Option<String>>(8)?
+                    .and_then(|t| serde_json::from_str(&t).ok()),
             },
             row.get::<_, String>(5)?,
         ))

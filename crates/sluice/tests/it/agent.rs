@@ -735,7 +735,7 @@ async fn an_agent_brings_its_model_system_prompt_tools_and_step_limit() {
     let events = collect(client.stream_run(None, &req("hi")).await.expect("stream")).await;
     assert_eq!(
         text_of(&events),
-        "system=You_analyse_data tools=create_chart,create_table "
+        "system=You_analyse_data tools=create_chart,create_table history_results=0 "
     );
     // Another agent by name: one step, so the tool call is made but the model is not called again.
     let mut r = req("hi");
@@ -763,4 +763,45 @@ async fn an_agent_brings_its_model_system_prompt_tools_and_step_limit() {
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("accepted an unknown agent"),
     }
+}
+
+#[tokio::test]
+async fn a_later_run_sends_the_earlier_tool_calls_and_results_to_the_model() {
+    let (server, _) = server(Duration::from_millis(1)).await;
+    let client = server.client();
+    let mut r = req("look two things up");
+    r.model = Some("sim/sim?tokens=1&tools=2".into());
+    let first = collect(client.stream_run(None, &r).await.expect("stream")).await;
+    let thread_id = match &first[0].event.body {
+        EventBody::RunStarted { thread_id, .. } => thread_id.clone(),
+        _ => unreachable!(),
+    };
+    let thread = client.get_thread(&thread_id).await.expect("thread");
+    let turns = thread.messages.expect("messages")[1]
+        .turns
+        .clone()
+        .expect("turns kept");
+    let roles: Vec<&str> = turns
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|t| t["role"].as_str())
+        .collect();
+    assert_eq!(roles, ["assistant", "tool", "tool", "assistant"]);
+    assert_eq!(turns[0]["tool_calls"][1]["id"], "call_1");
+    // The next run on the thread, with a model that reports what it was sent, sees both results.
+    let mut r = req("and now?");
+    r.model = Some("sim/sim?describe=1".into());
+    let second = collect(
+        client
+            .stream_run(Some(&thread_id), &r)
+            .await
+            .expect("stream"),
+    )
+    .await;
+    assert!(
+        text_of(&second).ends_with("history_results=2 "),
+        "{}",
+        text_of(&second)
+    );
 }
