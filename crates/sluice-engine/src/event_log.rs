@@ -136,6 +136,9 @@ pub struct Subscription {
 
 const STORE_PAGE: u32 = 512;
 
+/// How far ahead a lagging subscriber looks for a later state of an artifact.
+const LOOKAHEAD: usize = 256;
+
 impl Subscription {
     /// Follows an in-memory log from after `after`.
     pub fn live(log: Arc<EventLog>, after: u64, coalesce: Coalesce) -> Self {
@@ -176,6 +179,49 @@ impl Subscription {
     /// The next event (possibly several merged deltas), waiting for it if needed; `None` after the
     /// terminal event. Cancel-safe: the cursor only moves when an event is returned.
     pub async fn next(&mut self) -> Option<Frame> {
+        loop {
+            let frame = self.next_frame().await?;
+            self.cursor = frame.seq();
+            // A subscriber that is behind skips an artifact's intermediate state when a later state
+            // of the same artifact is already waiting: it gets the current state, not every step.
+            if self.coalesce.max_bytes > 0
+                && frame.kind() == sluice_protocol::EventKind::ArtifactIntermediate
+                && self.superseded(&frame)
+            {
+                continue;
+            }
+            if frame.kind().is_terminal() {
+                self.done = true;
+            }
+            return Some(frame);
+        }
+    }
+
+    /// Whether a later state of `frame`'s artifact is already available to this subscriber.
+    fn superseded(&self, frame: &Frame) -> bool {
+        let id_of = |f: &Frame| {
+            serde_json::from_slice::<serde_json::Value>(&f.json())
+                .ok()
+                .and_then(|v| v["artifact"]["id"].as_str().map(str::to_string))
+        };
+        let Some(id) = id_of(frame) else { return false };
+        let later = |f: &Frame| {
+            matches!(
+                f.kind(),
+                sluice_protocol::EventKind::ArtifactIntermediate
+                    | sluice_protocol::EventKind::ArtifactFinal
+            ) && id_of(f).as_deref() == Some(id.as_str())
+        };
+        match &self.source {
+            Source::Live { log, .. } => log.read(|frames| {
+                let from = (frame.seq() as usize).min(frames.len());
+                frames[from..].iter().take(LOOKAHEAD).any(later)
+            }),
+            Source::Stored { page, .. } => page.iter().take(LOOKAHEAD).any(later),
+        }
+    }
+
+    async fn next_frame(&mut self) -> Option<Frame> {
         if self.done {
             return None;
         }
@@ -215,10 +261,6 @@ impl Subscription {
                 merged(&self.run_id, parts)
             }
         };
-        self.cursor = frame.seq();
-        if frame.kind().is_terminal() {
-            self.done = true;
-        }
         Some(frame)
     }
 }
@@ -390,5 +432,41 @@ mod tests {
         let f = sub.next().await.expect("frame");
         assert_eq!((f.seq(), f.delta_text().as_deref()), (2, Some("xy")));
         pusher.await.expect("join");
+    }
+
+    #[tokio::test]
+    async fn a_late_subscriber_gets_an_artifacts_current_state_not_every_intermediate() {
+        let log = Arc::new(EventLog::new("r".into()));
+        let state = |seq: u64, status: &str, rows: u32| {
+            let artifact = serde_json::json!({"id": "a1", "status": status, "rows": rows});
+            let body = if status == "final" {
+                EventBody::ArtifactFinal { artifact }
+            } else {
+                EventBody::ArtifactIntermediate { artifact }
+            };
+            Frame::encode("r", seq, &body)
+        };
+        log.push(state(1, "intermediate", 1));
+        log.push(state(2, "intermediate", 2));
+        log.push(Frame::encode("r", 3, &EventBody::TextDone {}));
+        log.push(state(4, "intermediate", 3));
+        let mut late = Subscription::live(log.clone(), 0, Coalesce::default());
+        // 1 and 2 are superseded by 4, which is the newest state so far.
+        assert_eq!(late.next().await.map(|f| f.seq()), Some(3));
+        assert_eq!(late.next().await.map(|f| f.seq()), Some(4));
+        log.push(state(5, "final", 3));
+        assert_eq!(late.next().await.map(|f| f.seq()), Some(5));
+        // With merging off, everything is delivered.
+        let mut exact = Subscription::live(
+            log.clone(),
+            0,
+            Coalesce {
+                max_bytes: 0,
+                ..Coalesce::default()
+            },
+        );
+        for seq in 1..=5 {
+            assert_eq!(exact.next().await.map(|f| f.seq()), Some(seq));
+        }
     }
 }

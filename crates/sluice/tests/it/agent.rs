@@ -119,7 +119,7 @@ async fn assert_resumable(server: &TestServer, events: &[StreamEvent]) {
         .into_iter()
         .map(|e| e.data)
         .collect();
-        // Merged deltas may combine several events: compare the texts and the non-delta events.
+        // Merged deltas may combine several events: compare the texts and the other events.
         let squash = |v: &[String]| -> (String, Vec<String>) {
             let mut text = String::new();
             let mut others = Vec::new();
@@ -127,7 +127,8 @@ async fn assert_resumable(server: &TestServer, events: &[StreamEvent]) {
                 let e: Value = serde_json::from_str(d).expect("json");
                 if e["type"] == "text_delta" || e["type"] == "reasoning_delta" {
                     text.push_str(e["delta"].as_str().unwrap_or(""));
-                } else {
+                } else if e["type"] != "artifact_intermediate" {
+                    // A lagging reader skips superseded intermediate states; finals are compared.
                     others.push(d.clone());
                 }
             }
@@ -803,5 +804,46 @@ async fn a_later_run_sends_the_earlier_tool_calls_and_results_to_the_model() {
         text_of(&second).ends_with("history_results=2 "),
         "{}",
         text_of(&second)
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_joins_late_gets_the_artifacts_final_state_not_its_intermediates() {
+    let (server, _) = server(Duration::from_millis(1)).await;
+    let events = run(
+        &server,
+        "sim/sim?tokens=1&tools=1&tool=create_table&gap_ms=40",
+    )
+    .await;
+    assert!(
+        events
+            .iter()
+            .filter(|e| e.event.body.kind() == EventKind::ArtifactIntermediate)
+            .count()
+            >= 2
+    );
+    let late = collect(
+        server
+            .client()
+            .follow(&events[0].event.run_id, "")
+            .await
+            .expect("follow"),
+    )
+    .await;
+    assert_eq!(
+        late.iter()
+            .filter(|e| e.event.body.kind() == EventKind::ArtifactIntermediate)
+            .count(),
+        0
+    );
+    assert_eq!(
+        late.iter()
+            .filter(|e| e.event.body.kind() == EventKind::ArtifactFinal)
+            .count(),
+        1
+    );
+    assert_eq!(
+        late.last().map(|e| e.event.body.kind()),
+        Some(EventKind::RunCompleted)
     );
 }
