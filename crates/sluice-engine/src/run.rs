@@ -52,7 +52,16 @@ struct Turn {
 /// The calls of one step in flight, and where they report.
 struct Running {
     calls: JoinSet<(String, String, Result<serde_json::Value, String>)>,
-    reports: mpsc::Sender<Report>,
+    reports: Option<mpsc::Sender<Report>>,
+    rx: Option<mpsc::Receiver<Report>>,
+}
+
+/// The next report, or never when no call has started yet.
+async fn recv(rx: &mut Option<mpsc::Receiver<Report>>) -> Option<Report> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The least time between two intermediate states of an artifact being written.
@@ -254,13 +263,14 @@ impl RunTask {
             Ok(m) => m,
             Err(error) => return Ending::Failed(error),
         };
-        let tools: Vec<sluice_providers::ToolSpec> = match &self.agent.tools {
+        let tools: Arc<[sluice_providers::ToolSpec]> = match &self.agent.tools {
             Some(names) => self
                 .inner
                 .tools
                 .specs()
-                .into_iter()
+                .iter()
                 .filter(|t| names.contains(&t.name))
+                .cloned()
                 .collect(),
             None => self.inner.tools.specs(),
         };
@@ -318,20 +328,23 @@ impl RunTask {
         let cancel = self.handle.cancel.clone();
         let mut turn = Turn::default();
         let mut results: HashMap<String, ChatMessage> = HashMap::new();
-        let (progress_tx, mut progress_rx) = mpsc::channel::<Report>(64);
-        // Dropping the set (on cancel or failure) aborts every running call.
+        // Dropping the set (on cancel or failure) aborts every running call. The report channel
+        // is made with the first call: most steps call nothing.
         let mut running = Running {
             calls: JoinSet::new(),
-            reports: progress_tx,
+            reports: None,
+            rx: None,
         };
         let mut drafts: HashMap<String, Draft> = HashMap::new();
         let mut model_done = false;
         while !(model_done && running.calls.is_empty()) {
+            let Running { calls, rx, .. } = &mut running;
+            let busy = !calls.is_empty();
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return Err(Ending::Stopped),
-                Some(report) = progress_rx.recv() => self.report(out, report),
-                Some(joined) = running.calls.join_next(), if !running.calls.is_empty() => {
+                Some(report) = recv(rx) => self.report(out, report),
+                Some(joined) = calls.join_next(), if busy => {
                     let (call_id, tool_name, result) = match joined {
                         Ok(r) => r,
                         Err(e) => {
@@ -430,7 +443,7 @@ impl RunTask {
             .tools
             .as_ref()
             .is_none_or(|names| names.contains(&name));
-        let Some(tool) = self.inner.tools.get(&name).filter(|_| offered).cloned() else {
+        let Some((tool, spec)) = self.inner.tools.get(&name).filter(|_| offered) else {
             let err = format!("there is no tool named {name:?}");
             return Some(self.finish_call(out, &call_id, &name, Err(err)));
         };
@@ -441,15 +454,24 @@ impl RunTask {
                 return Some(self.finish_call(out, &call_id, &name, Err(err)));
             }
         };
-        if let Err(errors) = crate::schema::validate(&tool.spec().parameters, &args) {
+        let tool = tool.clone();
+        if let Err(errors) = crate::schema::validate(&spec.parameters, &args) {
             let err = format!("invalid arguments: {}", errors.join("; "));
             return Some(self.finish_call(out, &call_id, &name, Err(err)));
         }
+        let reports = match &running.reports {
+            Some(tx) => tx.clone(),
+            None => {
+                let (tx, rx) = mpsc::channel(64);
+                running.rx = Some(rx);
+                running.reports.insert(tx).clone()
+            }
+        };
         let mut ctx = ToolContext::new(
             &self.handle,
             call_id.clone(),
             name.clone(),
-            running.reports.clone(),
+            reports,
             self.handle.cancel.child_token(),
         );
         ctx.artifact_id = artifact_id;
@@ -505,7 +527,7 @@ impl RunTask {
             data,
             created_at: crate::now_ms(),
         };
-        self.report(out, Report::Artifact(artifact));
+        self.report(out, Report::Artifact(Box::new(artifact)));
     }
 
     /// Appends what a running call reported; an artifact version is also stored.
@@ -530,7 +552,7 @@ impl RunTask {
                     }
                     ArtifactStatus::Final => EventBody::ArtifactFinal { artifact: value },
                 });
-                self.inner.store.put_artifact(artifact);
+                self.inner.store.put_artifact(*artifact);
             }
         }
     }

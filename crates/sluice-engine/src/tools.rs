@@ -34,7 +34,7 @@ pub(crate) enum Report {
         progress: Progress,
     },
     /// A version of an artifact, intermediate or final: appended as an event and stored.
-    Artifact(ArtifactView),
+    Artifact(Box<ArtifactView>),
 }
 
 /// What a call can use while it runs.
@@ -77,7 +77,10 @@ impl ToolContext {
     /// Publishes a version of an artifact (the run appends `artifact_intermediate` or
     /// `artifact_final` and stores it).
     pub async fn artifact(&self, artifact: ArtifactView) {
-        let _ = self.reports.send(Report::Artifact(artifact)).await;
+        let _ = self
+            .reports
+            .send(Report::Artifact(Box::new(artifact)))
+            .await;
     }
 
     /// Reports progress. Waits when the run's task is behind (a tool cannot flood it).
@@ -112,9 +115,20 @@ pub trait Tool: Send + Sync + 'static {
 }
 
 /// The tools offered to models, by name.
-#[derive(Default, Clone)]
+#[derive(Clone)]
 pub struct ToolRegistry {
-    tools: BTreeMap<String, Arc<dyn Tool>>,
+    tools: BTreeMap<String, (Arc<dyn Tool>, ToolSpec)>,
+    /// Every tool's spec, built once and shared by every run.
+    specs: Arc<[ToolSpec]>,
+}
+
+impl Default for ToolRegistry {
+    fn default() -> Self {
+        ToolRegistry {
+            tools: BTreeMap::new(),
+            specs: Arc::from(Vec::new()),
+        }
+    }
 }
 
 impl ToolRegistry {
@@ -123,19 +137,22 @@ impl ToolRegistry {
     }
 
     pub fn add(&mut self, tool: Arc<dyn Tool>) {
-        self.tools.insert(tool.spec().name.clone(), tool);
+        let spec = tool.spec();
+        self.tools.insert(spec.name.clone(), (tool, spec));
+        self.specs = self.tools.values().map(|(_, s)| s.clone()).collect();
     }
 
-    pub fn get(&self, name: &str) -> Option<&Arc<dyn Tool>> {
-        self.tools.get(name)
+    /// A tool and its spec.
+    pub fn get(&self, name: &str) -> Option<(&Arc<dyn Tool>, &ToolSpec)> {
+        self.tools.get(name).map(|(t, s)| (t, s))
     }
 
     pub fn all(&self) -> Vec<Arc<dyn Tool>> {
-        self.tools.values().cloned().collect()
+        self.tools.values().map(|(t, _)| t.clone()).collect()
     }
 
-    pub fn specs(&self) -> Vec<ToolSpec> {
-        self.tools.values().map(|t| t.spec()).collect()
+    pub fn specs(&self) -> Arc<[ToolSpec]> {
+        self.specs.clone()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -126,8 +126,8 @@ pub struct ModelRequest {
     pub model: String,
     /// The thread so far, oldest first, ending with the new user message (or tool results).
     pub messages: Vec<ChatMessage>,
-    /// The tools the model may call.
-    pub tools: Vec<ToolSpec>,
+    /// The tools the model may call (shared: every run of an agent offers the same list).
+    pub tools: std::sync::Arc<[ToolSpec]>,
 }
 
 /// Parses a call's arguments for the providers that want a JSON object rather than text;

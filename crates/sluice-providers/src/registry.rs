@@ -181,7 +181,7 @@ impl Model for Fallback {
             current: Option<ModelStream>,
             produced: bool,
             messages: Vec<crate::ChatMessage>,
-            tools: Vec<crate::ToolSpec>,
+            tools: std::sync::Arc<[crate::ToolSpec]>,
         }
         let state = State {
             chain: self.chain.clone(),
