@@ -22,6 +22,7 @@
 //! | `tool` | the function called: `lookup`, `create_table`, `create_chart`, `create_document`, `update_artifact` | lookup |
 //! | `artifact` | with `tool=update_artifact`: the artifact id to update (appends a row) | |
 //! | `describe` | `1`: answer `system=<prompt, spaces as _> tools=<names> history_results=<n>` (what the request carried) | 0 |
+//! | `empty_args` | `1`: calls carry `{}` as their arguments | 0 |
 //! | `id` | a label with no effect but to make a model name (and so its `times` count) unique | |
 //!
 //! Tools make it a multi-step model: a request whose conversation already holds tool results is
@@ -85,6 +86,8 @@ pub struct Scenario {
     tool: String,
     /// For `tool=update_artifact`: the artifact to update.
     artifact: String,
+    /// Calls with `{}` as their arguments.
+    empty_args: bool,
     /// The answer's tokens, decided per request (a follow-up after tool results answers differently).
     answer: Vec<String>,
     /// The calls to make: (call id, arguments).
@@ -109,6 +112,7 @@ impl Scenario {
             describe: false,
             tool: "lookup".into(),
             artifact: String::new(),
+            empty_args: false,
             answer: Vec::new(),
             calls: Vec::new(),
         };
@@ -138,6 +142,7 @@ impl Scenario {
                 "describe" => s.describe = v == "1",
                 "tool" => s.tool = v.to_string(),
                 "artifact" => s.artifact = v.to_string(),
+                "empty_args" => s.empty_args = v == "1",
                 "fault" => {
                     s.fault = match v {
                         "none" => Fault::None,
@@ -390,7 +395,9 @@ fn plan(sc: &mut Scenario, req: &serde_json::Value) {
     let results = results_since_last_user(req);
     let tool = sc.tool.clone();
     let artifact = sc.artifact.clone();
+    let empty = sc.empty_args;
     let args = move |i: u32| match tool.as_str() {
+        _ if empty => "{}".to_string(),
         "create_table" => format!(
             "{{\"title\":\"Table {i}\",\"columns\":[\"item\",\"value\"],\"rows\":[[\"alpha\",1],[\"beta, b\",2],[\"gamma\",3],[\"delta\",4]]}}"
         ),

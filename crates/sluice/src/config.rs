@@ -72,11 +72,23 @@ pub struct FileConfig {
     /// HTTP tools: `[tools.weather]`.
     #[serde(default)]
     pub tools: BTreeMap<String, ToolSection>,
+    /// MCP servers whose tools are offered: `[mcp.files]`.
+    #[serde(default)]
+    pub mcp: BTreeMap<String, McpSection>,
     /// Named agents: `[agents.analyst]`.
     #[serde(default)]
     pub agents: BTreeMap<String, AgentSection>,
     /// The agent of runs that name none.
     pub default_agent: Option<String>,
+}
+
+/// An MCP server started over stdio.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpSection {
+    pub command: String,
+    #[serde(default)]
+    pub args: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -162,6 +174,8 @@ pub struct Config {
     pub aliases: Vec<(String, Alias)>,
     /// Tools offered to models (built in or registered by an embedding program).
     pub tools: sluice_engine::ToolRegistry,
+    /// MCP servers to start, by name; their tools join `tools` at start-up.
+    pub mcp: Vec<(String, McpSection)>,
 }
 
 pub fn load(args: &ServeArgs) -> anyhow::Result<Config> {
@@ -292,6 +306,7 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Config> {
         providers: providers.into_values().collect(),
         aliases,
         tools,
+        mcp: file.mcp.into_iter().collect(),
     })
 }
 

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod chat;
 pub mod config;
 pub mod http_tool;
+pub mod mcp_tool;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -92,6 +93,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     for tool in config.tools.all() {
         registry_tools.add(tool);
+    }
+    for (name, server) in &config.mcp {
+        let tools = mcp_tool::connect_stdio(name, &server.command, &server.args).await?;
+        tracing::info!(server = %name, tools = tools.len(), "MCP server connected");
+        for tool in tools {
+            registry_tools.add(Arc::new(tool));
+        }
     }
     // Agents may only name tools and models that exist.
     let mut names: Vec<&String> = config.engine.agents.keys().collect();

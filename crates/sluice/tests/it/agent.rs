@@ -847,3 +847,81 @@ async fn a_client_that_joins_late_gets_the_artifacts_final_state_not_its_interme
         Some(EventKind::RunCompleted)
     );
 }
+
+#[tokio::test]
+async fn an_mcp_tool_over_stdio_reports_its_progress_notifications() {
+    // Built by `cargo test` with the other examples: crates/sluice/examples/mcp_test_server.rs.
+    let exe = std::env::current_exe().expect("test exe");
+    let server_bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join("examples").join("mcp_test_server"))
+        .expect("target dir");
+    assert!(
+        server_bin.exists(),
+        "build it with `cargo build -p sluice --examples`: {}",
+        server_bin.display()
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let sim = format!("http://{}/v1", listener.local_addr().expect("addr"));
+    tokio::spawn(sluice_providers::simulator::serve(listener));
+    let server = TestServer::start(Opts {
+        providers: vec![ProviderSpec::new("sim", WireKind::OpenAiChat, sim)],
+        mcp: vec![(
+            "counter".into(),
+            sluice::config::McpSection {
+                command: server_bin.display().to_string(),
+                args: Vec::new(),
+            },
+        )],
+        ..Opts::default()
+    })
+    .await;
+    let models: Value = reqwest::get(format!("{}/v1/models", server.url))
+        .await
+        .expect("m")
+        .json()
+        .await
+        .expect("j");
+    assert!(models["models"].is_array());
+    let events = run(
+        &server,
+        "sim/sim?tokens=1&tools=1&tool=count_up&empty_args=1",
+    )
+    .await;
+    let steps: Vec<(String, Option<f64>)> = events
+        .iter()
+        .filter_map(|e| match &e.event.body {
+            EventBody::ToolExecutionProgress {
+                step,
+                fraction,
+                tool_name,
+                ..
+            } if tool_name == "count_up" => Some((step.clone(), *fraction)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        steps.len(),
+        3,
+        "{steps:?} in {:?}",
+        events
+            .iter()
+            .map(|e| e.event.body.kind())
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(steps[0].0, "counted 1");
+    assert_eq!(steps[2].1, Some(1.0));
+    let result = events
+        .iter()
+        .find_map(|e| match &e.event.body {
+            EventBody::ToolExecutionCompleted { result, .. } => Some(result.clone()),
+            _ => None,
+        })
+        .expect("completed");
+    assert!(result.to_string().contains("counted to 3"), "{result}");
+    assert!(text_of(&events).contains("Using 1 results."));
+    assert_resumable(&server, &events).await;
+}

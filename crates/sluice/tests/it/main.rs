@@ -34,6 +34,7 @@ pub struct Opts {
     pub max_steps: u32,
     pub agents: std::collections::HashMap<String, sluice_engine::Agent>,
     pub default_agent: Option<String>,
+    pub mcp: Vec<(String, sluice::config::McpSection)>,
 }
 
 impl Default for Opts {
@@ -53,6 +54,7 @@ impl Default for Opts {
             max_steps: 8,
             agents: Default::default(),
             default_agent: None,
+            mcp: Vec::new(),
         }
     }
 }
@@ -91,6 +93,7 @@ impl TestServer {
             providers: opts.providers,
             aliases: opts.aliases,
             tools: opts.tools,
+            mcp: opts.mcp,
         };
         let running = sluice::start(config).await.expect("server starts");
         let url = running.url();
