@@ -82,13 +82,14 @@ pub struct FileConfig {
     pub default_agent: Option<String>,
 }
 
-/// An MCP server started over stdio.
-#[derive(Debug, Clone, Deserialize)]
+/// An MCP server: started over stdio (`command`, `args`) or reached over streamable HTTP (`url`).
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct McpSection {
-    pub command: String,
+    pub command: Option<String>,
     #[serde(default)]
     pub args: Vec<String>,
+    pub url: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

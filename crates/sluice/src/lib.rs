@@ -95,7 +95,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         registry_tools.add(tool);
     }
     for (name, server) in &config.mcp {
-        let tools = mcp_tool::connect_stdio(name, &server.command, &server.args).await?;
+        let tools = match (&server.command, &server.url) {
+            (Some(command), None) => mcp_tool::connect_stdio(name, command, &server.args).await?,
+            (None, Some(url)) => mcp_tool::connect_http(name, url).await?,
+            _ => anyhow::bail!(
+                "mcp.{name}: give either `command` (stdio) or `url` (streamable HTTP)"
+            ),
+        };
         tracing::info!(server = %name, tools = tools.len(), "MCP server connected");
         for tool in tools {
             registry_tools.add(Arc::new(tool));

@@ -1,5 +1,6 @@
 //! Tools from MCP servers (`[mcp.NAME]` in sluice.toml), through rmcp, the Model Context Protocol's
-//! Rust SDK. At start-up Sluice launches each server over stdio, lists its tools and offers them to
+//! Rust SDK. At start-up Sluice launches each server over stdio (or connects over streamable HTTP),
+//! lists its tools and offers them to
 //! models under their own names; a call sends `tools/call` with a progress token, and the server's
 //! `notifications/progress` become `tool_execution_progress` as they arrive. Cancelling the run
 //! drops the call, and rmcp tells the server it was cancelled.
@@ -56,6 +57,20 @@ pub async fn connect_stdio(
         .serve(transport)
         .await
         .with_context(|| format!("mcp.{server}: the MCP handshake failed"))?;
+    tools_of(server, client).await
+}
+
+/// Connects to the MCP server at `url` over streamable HTTP and answers its tools.
+pub async fn connect_http(server: &str, url: &str) -> anyhow::Result<Vec<McpTool>> {
+    let transport = rmcp::transport::StreamableHttpClientTransport::from_uri(url.to_string());
+    let client = Progress::default()
+        .serve(transport)
+        .await
+        .with_context(|| format!("mcp.{server}: the MCP handshake with {url} failed"))?;
+    tools_of(server, client).await
+}
+
+async fn tools_of(server: &str, client: Client) -> anyhow::Result<Vec<McpTool>> {
     let tools = client
         .list_all_tools()
         .await

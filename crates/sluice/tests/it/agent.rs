@@ -872,8 +872,8 @@ async fn an_mcp_tool_over_stdio_reports_its_progress_notifications() {
         mcp: vec![(
             "counter".into(),
             sluice::config::McpSection {
-                command: server_bin.display().to_string(),
-                args: Vec::new(),
+                command: Some(server_bin.display().to_string()),
+                ..Default::default()
             },
         )],
         ..Opts::default()
@@ -924,4 +924,59 @@ async fn an_mcp_tool_over_stdio_reports_its_progress_notifications() {
     assert!(result.to_string().contains("counted to 3"), "{result}");
     assert!(text_of(&events).contains("Using 1 results."));
     assert_resumable(&server, &events).await;
+}
+
+#[tokio::test]
+async fn an_mcp_tool_over_streamable_http_reports_its_progress_notifications() {
+    use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+    use rmcp::transport::streamable_http_server::{
+        StreamableHttpServerConfig, StreamableHttpService,
+    };
+    let service = StreamableHttpService::new(
+        || Ok(crate::mcp_server::CountServer::new()),
+        Arc::new(LocalSessionManager::default()),
+        StreamableHttpServerConfig::default(),
+    );
+    let mcp_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let mcp_url = format!("http://{}/mcp", mcp_listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        axum::serve(
+            mcp_listener,
+            axum::Router::new().nest_service("/mcp", service),
+        )
+        .await
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let sim = format!("http://{}/v1", listener.local_addr().expect("addr"));
+    tokio::spawn(sluice_providers::simulator::serve(listener));
+    let server = TestServer::start(Opts {
+        providers: vec![ProviderSpec::new("sim", WireKind::OpenAiChat, sim)],
+        mcp: vec![(
+            "counter".into(),
+            sluice::config::McpSection {
+                url: Some(mcp_url),
+                ..Default::default()
+            },
+        )],
+        ..Opts::default()
+    })
+    .await;
+    let events = run(
+        &server,
+        "sim/sim?tokens=1&tools=1&tool=count_up&empty_args=1",
+    )
+    .await;
+    let steps: Vec<String> = events
+        .iter()
+        .filter_map(|e| match &e.event.body {
+            EventBody::ToolExecutionProgress { step, .. } => Some(step.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(steps, ["counted 1", "counted 2", "counted 3"]);
+    assert!(events.iter().any(|e| matches!(&e.event.body, EventBody::ToolExecutionCompleted { result, .. } if result.to_string().contains("counted to 3"))));
 }
