@@ -102,15 +102,14 @@ fn position(events: &[StreamEvent], pred: impl Fn(&EventBody) -> bool) -> usize 
 }
 
 /// Following the run from random cursors yields exactly the rest of the sequence.
-async fn assert_resumable(server: &TestServer, events: &[StreamEvent]) {
+async fn assert_resumable(client: &sluice_client::Client, events: &[StreamEvent]) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(events.len() as u64);
     let run_id = &events[0].event.run_id;
     let whole: Vec<String> = events.iter().map(|e| e.data.clone()).collect();
     for _ in 0..5 {
         let cut = rng.random_range(0..events.len());
         let rest: Vec<String> = collect(
-            server
-                .client()
+            client
                 .follow(run_id, &cut.to_string())
                 .await
                 .expect("follow"),
@@ -212,7 +211,7 @@ async fn two_concurrent_tool_calls_interleave_and_the_next_step_uses_their_resul
         (message.content.as_str(), message.status),
         (text.as_str(), MessageStatus::Complete)
     );
-    assert_resumable(&server, &events).await;
+    assert_resumable(&server.client(), &events).await;
 }
 
 #[tokio::test]
@@ -250,7 +249,7 @@ async fn invalid_arguments_fail_the_call_and_the_model_recovers_on_the_next_step
         events.last().map(|e| e.event.body.kind()),
         Some(EventKind::RunCompleted)
     );
-    assert_resumable(&server, &events).await;
+    assert_resumable(&server.client(), &events).await;
 }
 
 #[tokio::test]
@@ -306,7 +305,7 @@ async fn cancelling_a_run_in_the_middle_of_a_tool_stops_the_tool() {
         replay.last().map(|e| e.event.body.kind()),
         Some(EventKind::RunCancelled)
     );
-    assert_resumable(&server, &events).await;
+    assert_resumable(&server.client(), &events).await;
 }
 
 #[tokio::test]
@@ -512,7 +511,7 @@ async fn an_artifact_builds_up_while_its_call_is_written_then_becomes_final() {
         (Some("final"), Some(1))
     );
     assert_eq!(stored["data"]["rows"].as_array().map(Vec::len), Some(4));
-    assert_resumable(&server, &events).await;
+    assert_resumable(&server.client(), &events).await;
 }
 
 #[tokio::test]
@@ -695,6 +694,7 @@ type = "string"
         .expect("completed");
     assert_eq!(result, json!({"temp": 21, "query": "item 0"}));
     assert!(text_of(&events).contains("Using 1 results."));
+    assert_resumable(&client, &events).await;
     running.shutdown().await.expect("shutdown");
 }
 
@@ -923,7 +923,7 @@ async fn an_mcp_tool_over_stdio_reports_its_progress_notifications() {
         .expect("completed");
     assert!(result.to_string().contains("counted to 3"), "{result}");
     assert!(text_of(&events).contains("Using 1 results."));
-    assert_resumable(&server, &events).await;
+    assert_resumable(&server.client(), &events).await;
 }
 
 #[tokio::test]
@@ -978,5 +978,6 @@ async fn an_mcp_tool_over_streamable_http_reports_its_progress_notifications() {
         })
         .collect();
     assert_eq!(steps, ["counted 1", "counted 2", "counted 3"]);
+    assert_resumable(&server.client(), &events).await;
     assert!(events.iter().any(|e| matches!(&e.event.body, EventBody::ToolExecutionCompleted { result, .. } if result.to_string().contains("counted to 3"))));
 }
