@@ -130,6 +130,20 @@ pub struct ModelRequest {
     pub tools: std::sync::Arc<[ToolSpec]>,
 }
 
+/// Tools in the `{"type":"function","function":{name, description, parameters}}` form that Chat
+/// Completions and Ollama share.
+pub(crate) fn function_tools(tools: &[ToolSpec]) -> serde_json::Value {
+    tools
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "type": "function",
+                "function": {"name": t.name, "description": t.description, "parameters": t.parameters},
+            })
+        })
+        .collect()
+}
+
 /// Parses a call's arguments for the providers that want a JSON object rather than text;
 /// unparseable arguments are sent as an empty object (the model's own text is still in the history).
 pub(crate) fn arguments_object(arguments: &str) -> serde_json::Value {

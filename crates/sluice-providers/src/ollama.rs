@@ -126,13 +126,7 @@ pub fn request_body(
         .collect();
     let mut body = serde_json::json!({"model": model, "messages": messages, "stream": true});
     if !tools.is_empty() {
-        body["tools"] = tools
-            .iter()
-            .map(|t| serde_json::json!({
-                "type": "function",
-                "function": {"name": t.name, "description": t.description, "parameters": t.parameters},
-            }))
-            .collect();
+        body["tools"] = crate::function_tools(tools);
     }
     body
 }

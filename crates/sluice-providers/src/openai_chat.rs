@@ -184,13 +184,7 @@ pub fn request_body(
         "stream_options": {"include_usage": true},
     });
     if !tools.is_empty() {
-        body["tools"] = tools
-            .iter()
-            .map(|t| serde_json::json!({
-                "type": "function",
-                "function": {"name": t.name, "description": t.description, "parameters": t.parameters},
-            }))
-            .collect();
+        body["tools"] = crate::function_tools(tools);
     }
     body
 }
