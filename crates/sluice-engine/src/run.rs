@@ -52,6 +52,8 @@ struct Turn {
 /// The calls of one step in flight, and where they report.
 struct Running {
     calls: JoinSet<(String, String, Result<serde_json::Value, String>)>,
+    /// Which call each task runs, to answer it even if the task panics.
+    tasks: HashMap<tokio::task::Id, (String, String)>,
     reports: Option<mpsc::Sender<Report>>,
     rx: Option<mpsc::Receiver<Report>>,
 }
@@ -332,6 +334,7 @@ impl RunTask {
         // is made with the first call: most steps call nothing.
         let mut running = Running {
             calls: JoinSet::new(),
+            tasks: HashMap::new(),
             reports: None,
             rx: None,
         };
@@ -344,12 +347,18 @@ impl RunTask {
                 biased;
                 _ = cancel.cancelled() => return Err(Ending::Stopped),
                 Some(report) = recv(rx) => self.report(out, report),
-                Some(joined) = calls.join_next(), if busy => {
+                Some(joined) = calls.join_next_with_id(), if busy => {
                     let (call_id, tool_name, result) = match joined {
-                        Ok(r) => r,
+                        Ok((id, r)) => {
+                            running.tasks.remove(&id);
+                            r
+                        }
+                        // A tool that panicked still answers its call, or the model's next turn
+                        // would hold a call without a result (which providers reject).
                         Err(e) => {
                             tracing::error!(run_id = %self.handle.id, error = %e, "a tool task panicked");
-                            continue;
+                            let Some((call_id, name)) = running.tasks.remove(&e.id()) else { continue };
+                            (call_id, name, Err("the tool crashed".to_string()))
                         }
                     };
                     let message = self.finish_call(out, &call_id, &tool_name, result);
@@ -475,10 +484,14 @@ impl RunTask {
             self.handle.cancel.child_token(),
         );
         ctx.artifact_id = artifact_id;
-        running.calls.spawn(async move {
-            let result = tool.call(args, ctx).await;
-            (call_id, name, result)
+        let task = running.calls.spawn({
+            let (call_id, name) = (call_id.clone(), name.clone());
+            async move {
+                let result = tool.call(args, ctx).await;
+                (call_id, name, result)
+            }
         });
+        running.tasks.insert(task.id(), (call_id, name));
         None
     }
 

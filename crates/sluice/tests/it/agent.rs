@@ -981,3 +981,48 @@ async fn an_mcp_tool_over_streamable_http_reports_its_progress_notifications() {
     assert_resumable(&server.client(), &events).await;
     assert!(events.iter().any(|e| matches!(&e.event.body, EventBody::ToolExecutionCompleted { result, .. } if result.to_string().contains("counted to 3"))));
 }
+
+/// A tool that panics.
+struct Boom;
+
+impl Tool for Boom {
+    fn spec(&self) -> ToolSpec {
+        ToolSpec {
+            name: "boom".into(),
+            description: "Always crashes".into(),
+            parameters: json!({"type": "object"}),
+        }
+    }
+
+    fn call(&self, _args: Value, _ctx: ToolContext) -> ToolFuture {
+        Box::pin(async move { panic!("boom") })
+    }
+}
+
+#[tokio::test]
+async fn a_tool_that_panics_fails_its_call_and_the_run_goes_on() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let sim = format!("http://{}/v1", listener.local_addr().expect("addr"));
+    tokio::spawn(sluice_providers::simulator::serve(listener));
+    let mut tools = ToolRegistry::new();
+    tools.add(Arc::new(Boom));
+    let server = TestServer::start(Opts {
+        providers: vec![ProviderSpec::new("sim", WireKind::OpenAiChat, sim)],
+        tools,
+        ..Opts::default()
+    })
+    .await;
+    let events = run(&server, "sim/sim?tokens=1&tools=1&tool=boom&empty_args=1").await;
+    assert!(events.iter().any(|e| matches!(&e.event.body,
+        EventBody::ToolExecutionFailed { error, .. } if error.message == "the tool crashed")));
+    assert!(
+        text_of(&events).contains("Using 1 results."),
+        "the model got an answer for the call"
+    );
+    assert_eq!(
+        events.last().map(|e| e.event.body.kind()),
+        Some(EventKind::RunCompleted)
+    );
+}
