@@ -556,6 +556,7 @@ impl Engine {
             model: resolved.model,
             upstream_model: resolved.upstream,
             agent,
+            drafts_shown: Default::default(),
             model_name,
             content: request.content,
             accepted,

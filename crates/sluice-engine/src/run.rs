@@ -36,6 +36,8 @@ pub(crate) struct RunTask {
     pub upstream_model: String,
     /// The agent the run uses (system prompt, tools, step limit).
     pub agent: crate::Agent,
+    /// Artifacts shown as intermediate and not yet final: discarded if the run ends first.
+    pub drafts_shown: std::sync::Mutex<std::collections::HashSet<String>>,
     pub content: String,
     /// When the run was accepted: the zero of time to first token.
     pub accepted: Instant,
@@ -197,6 +199,15 @@ impl RunTask {
                 )
             }
         };
+        // An artifact whose creating call never ran was never made: drop its intermediate state.
+        let abandoned: Vec<String> = self
+            .drafts_shown
+            .lock()
+            .map(|mut s| s.drain().collect())
+            .unwrap_or_default();
+        for id in abandoned {
+            self.inner.store.discard_artifact_draft(id);
+        }
         let _ = handle.outcome.set((status, usage, ttft, error.clone()));
         let _ = handle.ended.set(Instant::now());
         self.inner.store.finish_run(RunEnd {
@@ -558,6 +569,12 @@ impl RunTask {
                 message: progress.message,
             }),
             Report::Artifact(artifact) => {
+                if let Ok(mut shown) = self.drafts_shown.lock() {
+                    match artifact.status {
+                        ArtifactStatus::Intermediate => shown.insert(artifact.id.clone()),
+                        ArtifactStatus::Final => shown.remove(&artifact.id),
+                    };
+                }
                 let value = serde_json::to_value(&artifact).unwrap_or_default();
                 out.append(&match artifact.status {
                     ArtifactStatus::Intermediate => {

@@ -134,6 +134,9 @@ pub trait Store: Send + Sync + 'static {
     fn flush(&self) -> Reply<()>;
     /// Queues one version of an artifact (an intermediate state of a version is replaced by the next).
     fn put_artifact(&self, artifact: sluice_protocol::api::ArtifactView);
+    /// Queues the removal of an artifact's intermediate state that never became final (its run ended
+    /// while the call creating it was still being written).
+    fn discard_artifact_draft(&self, artifact_id: String);
     /// An artifact `owner` may see: `version`, or the latest.
     fn get_artifact(
         &self,

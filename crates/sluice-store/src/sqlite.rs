@@ -126,6 +126,7 @@ enum Op {
     Flush(oneshot::Sender<Result<(), StoreError>>),
     /// Writes one version of an artifact (an intermediate state is replaced by its final one).
     PutArtifact(ArtifactView),
+    DiscardDraft(String),
     GetArtifact(
         String,
         String,
@@ -241,6 +242,9 @@ impl Store for SqliteStore {
     }
     fn put_artifact(&self, artifact: ArtifactView) {
         self.submit(Op::PutArtifact(artifact));
+    }
+    fn discard_artifact_draft(&self, artifact_id: String) {
+        self.submit(Op::DiscardDraft(artifact_id));
     }
     fn get_artifact(
         &self,
@@ -475,6 +479,13 @@ fn apply_batch(conn: &mut Connection, batch: &mut Vec<Op>) -> Result<(), StoreEr
                 let _ = reply.send(get_run(&tx, &owner, &id));
             }
             Op::PutArtifact(a) => log_err(put_artifact(&tx, &a), "artifact"),
+            Op::DiscardDraft(id) => log_err(
+                tx.execute(
+                    "DELETE FROM artifacts WHERE id = ?1 AND status = 'intermediate'",
+                    params![id],
+                ),
+                "discard artifact draft",
+            ),
             Op::GetArtifact(owner, id, version, reply) => {
                 let _ = reply.send(get_artifact(&tx, &owner, &id, version));
             }

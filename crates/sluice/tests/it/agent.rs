@@ -1026,3 +1026,31 @@ async fn a_tool_that_panics_fails_its_call_and_the_run_goes_on() {
         Some(EventKind::RunCompleted)
     );
 }
+
+#[tokio::test]
+async fn an_artifact_whose_call_is_cancelled_while_written_is_not_left_half_made() {
+    let (server, _) = server(Duration::from_millis(1)).await;
+    let client = server.client();
+    let mut r = req("table, slowly");
+    r.model = Some("sim/sim?tokens=1&tools=1&tool=create_table&gap_ms=150".into());
+    let mut stream = client.stream_run(None, &r).await.expect("stream");
+    let mut artifact_id = String::new();
+    let mut run_id = String::new();
+    while let Some(ev) = stream.next().await {
+        let ev = ev.expect("event");
+        run_id = ev.event.run_id.clone();
+        if let EventBody::ArtifactIntermediate { artifact } = &ev.event.body {
+            artifact_id = artifact["id"].as_str().unwrap_or_default().to_string();
+            break;
+        }
+    }
+    assert!(!artifact_id.is_empty(), "an intermediate state was shown");
+    let view = client.cancel(&run_id).await.expect("cancel");
+    assert_eq!(view.status, RunStatus::Cancelled);
+    let resp = reqwest::get(format!("{}/v1/artifacts/{artifact_id}", server.url))
+        .await
+        .expect("get");
+    assert_eq!(resp.status(), 404, "the abandoned draft is not stored");
+    let thread = client.get_thread(&view.thread_id).await.expect("thread");
+    assert!(thread.artifacts.expect("artifacts").is_empty());
+}
