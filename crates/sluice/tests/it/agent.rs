@@ -14,7 +14,6 @@ use sluice_engine::{Tool, ToolContext, ToolRegistry};
 use sluice_protocol::api::{MessageStatus, RunStatus};
 use sluice_protocol::{ErrorCode, EventBody, EventKind};
 use sluice_providers::ToolSpec;
-use sluice_providers::http::{ProviderSpec, WireKind};
 
 use crate::{Opts, TestServer, collect, req, text_of};
 
@@ -68,11 +67,7 @@ impl Tool for Lookup {
 }
 
 async fn server(delay: Duration) -> (TestServer, Arc<AtomicU32>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let sim = format!("http://{}/v1", listener.local_addr().expect("addr"));
-    tokio::spawn(sluice_providers::simulator::serve(listener));
+    let sim = crate::sim_provider().await;
     let stopped = Arc::new(AtomicU32::new(0));
     let mut tools = ToolRegistry::new();
     tools.add(Arc::new(Lookup {
@@ -80,7 +75,7 @@ async fn server(delay: Duration) -> (TestServer, Arc<AtomicU32>) {
         stopped: stopped.clone(),
     }));
     let server = TestServer::start(Opts {
-        providers: vec![ProviderSpec::new("sim", WireKind::OpenAiChat, sim)],
+        providers: vec![sim],
         tools,
         ..Opts::default()
     })
@@ -196,10 +191,7 @@ async fn two_concurrent_tool_calls_interleave_and_the_next_step_uses_their_resul
         events.last().map(|e| e.event.body.kind()),
         Some(EventKind::RunCompleted)
     );
-    let thread_id = match &events[0].event.body {
-        EventBody::RunStarted { thread_id, .. } => thread_id.clone(),
-        _ => unreachable!(),
-    };
+    let thread_id = crate::thread_of(&events);
     let message = &server
         .client()
         .get_thread(&thread_id)
@@ -310,13 +302,9 @@ async fn cancelling_a_run_in_the_middle_of_a_tool_stops_the_tool() {
 
 #[tokio::test]
 async fn artifact_tools_persist_versions_serve_csv_and_belong_to_the_owner() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let sim = format!("http://{}/v1", listener.local_addr().expect("addr"));
-    tokio::spawn(sluice_providers::simulator::serve(listener));
+    let sim = crate::sim_provider().await;
     let server = TestServer::start(Opts {
-        providers: vec![ProviderSpec::new("sim", WireKind::OpenAiChat, sim)],
+        providers: vec![sim],
         keys: "alice:key-a,bob:key-b",
         ..Opts::default()
     })
@@ -552,10 +540,7 @@ async fn the_demo_model_shows_the_whole_pipeline_with_a_table_then_a_chart_on_re
         "the answer continues after the result"
     );
     assert_eq!(kinds.last(), Some(&EventKind::RunCompleted));
-    let thread_id = match &first[0].event.body {
-        EventBody::RunStarted { thread_id, .. } => thread_id.clone(),
-        _ => unreachable!(),
-    };
+    let thread_id = crate::thread_of(&first);
     // Not the first answer and no table asked for: plain text.
     let second = collect(
         client
@@ -616,11 +601,7 @@ async fn ndjson_tool_endpoint() -> String {
 #[tokio::test]
 async fn an_http_tool_from_the_config_file_streams_its_progress_lines() {
     let tool_url = ndjson_tool_endpoint().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let sim = format!("http://{}/v1", listener.local_addr().expect("addr"));
-    tokio::spawn(sluice_providers::simulator::serve(listener));
+    let sim = format!("{}/v1", crate::simulator().await);
     let dir = tempfile::tempdir().expect("tmp");
     let config_path = dir.path().join("sluice.toml");
     std::fs::write(
@@ -700,11 +681,7 @@ type = "string"
 
 #[tokio::test]
 async fn an_agent_brings_its_model_system_prompt_tools_and_step_limit() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let sim = format!("http://{}/v1", listener.local_addr().expect("addr"));
-    tokio::spawn(sluice_providers::simulator::serve(listener));
+    let sim = crate::sim_provider().await;
     let mut agents = std::collections::HashMap::new();
     agents.insert(
         "analyst".to_string(),
@@ -725,7 +702,7 @@ async fn an_agent_brings_its_model_system_prompt_tools_and_step_limit() {
         },
     );
     let server = TestServer::start(Opts {
-        providers: vec![ProviderSpec::new("sim", WireKind::OpenAiChat, sim)],
+        providers: vec![sim],
         agents,
         default_agent: Some("analyst".into()),
         ..Opts::default()
@@ -773,10 +750,7 @@ async fn a_later_run_sends_the_earlier_tool_calls_and_results_to_the_model() {
     let mut r = req("look two things up");
     r.model = Some("sim/sim?tokens=1&tools=2".into());
     let first = collect(client.stream_run(None, &r).await.expect("stream")).await;
-    let thread_id = match &first[0].event.body {
-        EventBody::RunStarted { thread_id, .. } => thread_id.clone(),
-        _ => unreachable!(),
-    };
+    let thread_id = crate::thread_of(&first);
     let thread = client.get_thread(&thread_id).await.expect("thread");
     let turns = thread.messages.expect("messages")[1]
         .turns
@@ -862,13 +836,9 @@ async fn an_mcp_tool_over_stdio_reports_its_progress_notifications() {
         "build it with `cargo build -p sluice --examples`: {}",
         server_bin.display()
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let sim = format!("http://{}/v1", listener.local_addr().expect("addr"));
-    tokio::spawn(sluice_providers::simulator::serve(listener));
+    let sim = crate::sim_provider().await;
     let server = TestServer::start(Opts {
-        providers: vec![ProviderSpec::new("sim", WireKind::OpenAiChat, sim)],
+        providers: vec![sim],
         mcp: vec![(
             "counter".into(),
             sluice::config::McpSection {
@@ -948,13 +918,9 @@ async fn an_mcp_tool_over_streamable_http_reports_its_progress_notifications() {
         )
         .await
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let sim = format!("http://{}/v1", listener.local_addr().expect("addr"));
-    tokio::spawn(sluice_providers::simulator::serve(listener));
+    let sim = crate::sim_provider().await;
     let server = TestServer::start(Opts {
-        providers: vec![ProviderSpec::new("sim", WireKind::OpenAiChat, sim)],
+        providers: vec![sim],
         mcp: vec![(
             "counter".into(),
             sluice::config::McpSection {
@@ -1001,15 +967,11 @@ impl Tool for Boom {
 
 #[tokio::test]
 async fn a_tool_that_panics_fails_its_call_and_the_run_goes_on() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let sim = format!("http://{}/v1", listener.local_addr().expect("addr"));
-    tokio::spawn(sluice_providers::simulator::serve(listener));
+    let sim = crate::sim_provider().await;
     let mut tools = ToolRegistry::new();
     tools.add(Arc::new(Boom));
     let server = TestServer::start(Opts {
-        providers: vec![ProviderSpec::new("sim", WireKind::OpenAiChat, sim)],
+        providers: vec![sim],
         tools,
         ..Opts::default()
     })

@@ -138,3 +138,31 @@ pub fn text_of(events: &[StreamEvent]) -> String {
         })
         .collect()
 }
+
+/// The project's upstream simulator on a free port; answers its base URL.
+pub async fn simulator() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(sluice_providers::simulator::serve(listener));
+    format!("http://{addr}")
+}
+
+/// A provider named `sim` speaking Chat Completions to a fresh simulator.
+pub async fn sim_provider() -> sluice_providers::http::ProviderSpec {
+    let base = format!("{}/v1", simulator().await);
+    sluice_providers::http::ProviderSpec::new(
+        "sim",
+        sluice_providers::http::WireKind::OpenAiChat,
+        base,
+    )
+}
+
+/// The thread a run belongs to, from its `run_started` event.
+pub fn thread_of(events: &[StreamEvent]) -> String {
+    match &events[0].event.body {
+        sluice_protocol::EventBody::RunStarted { thread_id, .. } => thread_id.clone(),
+        other => panic!("the first event is not run_started: {other:?}"),
+    }
+}

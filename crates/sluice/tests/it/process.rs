@@ -52,10 +52,7 @@ async fn kill_9_mid_run_then_restart_interrupts_the_run_and_keeps_everything_els
             .expect("run"),
     )
     .await;
-    let done_thread = match &done[0].event.body {
-        EventBody::RunStarted { thread_id, .. } => thread_id.clone(),
-        _ => unreachable!(),
-    };
+    let done_thread = crate::thread_of(&done);
     let before = client.get_thread(&done_thread).await.expect("thread");
 
     // A run in flight: read until some answer text has arrived, then kill -9.

@@ -10,19 +10,9 @@ use sluice_protocol::{ErrorCode, EventBody, EventKind};
 use sluice_providers::http::{ProviderSpec, Retry, Timeouts, WireKind};
 use sluice_providers::registry::Alias;
 
-use crate::{Opts, TestServer, collect, req, text_of};
+use crate::{Opts, TestServer, collect, req, simulator, text_of};
 
 const SECRET: &str = "sk-test-SECRET-never-shown";
-
-/// The simulator on a free port; answers its base URL.
-async fn simulator() -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(sluice_providers::simulator::serve(listener));
-    format!("http://{addr}")
-}
 
 fn spec(name: &str, kind: WireKind, base: &str) -> ProviderSpec {
     let mut s = ProviderSpec::new(name, kind, base);
@@ -94,10 +84,7 @@ async fn stored_message(
     server: &TestServer,
     events: &[StreamEvent],
 ) -> sluice_protocol::api::MessageView {
-    let thread_id = match &events[0].event.body {
-        EventBody::RunStarted { thread_id, .. } => thread_id.clone(),
-        other => panic!("first event {other:?}"),
-    };
+    let thread_id = crate::thread_of(events);
     let thread = server
         .client()
         .get_thread(&thread_id)

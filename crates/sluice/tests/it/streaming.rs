@@ -70,10 +70,7 @@ async fn a_streamed_run_is_gapless_and_its_text_is_the_persisted_message() {
     };
     assert!(usage.output_tokens > 10 && time_to_first_token_ms.is_some());
 
-    let thread_id = match &events[0].event.body {
-        EventBody::RunStarted { thread_id, .. } => thread_id.clone(),
-        _ => unreachable!(),
-    };
+    let thread_id = crate::thread_of(&events);
     let thread = client.get_thread(&thread_id).await.expect("thread");
     let messages = thread.messages.expect("messages");
     assert_eq!(messages.len(), 2);
