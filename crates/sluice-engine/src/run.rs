@@ -397,12 +397,11 @@ impl RunTask {
                         ModelEvent::ReasoningDone => EventBody::ReasoningDone {},
                         ModelEvent::TextDone => EventBody::TextDone {},
                         ModelEvent::FunctionCallDelta { call_id, name, delta } => {
-                            out.append(&EventBody::FunctionCallDelta {
-                                call_id: call_id.clone(),
-                                name: name.clone(),
-                                delta: delta.clone(),
-                            });
-                            self.draft(out, &mut drafts, &call_id, &name, &delta);
+                            let body = EventBody::FunctionCallDelta { call_id, name, delta };
+                            out.append(&body);
+                            if let EventBody::FunctionCallDelta { call_id, name, delta } = &body {
+                                self.draft(out, &mut drafts, call_id, name, delta);
+                            }
                             continue;
                         }
                         ModelEvent::FunctionCallDone { call_id, name, arguments } => {

@@ -201,10 +201,8 @@ impl EventKind {
 
     /// Position in [`EventKind::ALL`].
     pub fn index(self) -> usize {
-        EventKind::ALL
-            .iter()
-            .position(|k| *k == self)
-            .unwrap_or(EventKind::ALL.len() - 1)
+        // A fieldless enum whose variants are listed in `ALL` in declaration order.
+        self as usize
     }
 
     /// The four endings of a run; exactly one closes every run's log.
@@ -317,8 +315,11 @@ impl Frame {
     pub fn encode_in_epoch(run_id: &str, seq: u64, epoch: u32, body: &EventBody) -> Frame {
         match body {
             EventBody::TextDelta { delta } | EventBody::ReasoningDelta { delta } => {
-                let escaped = escape_json_string(delta);
-                Frame::delta_from_parts(run_id, seq, body.kind(), &[&escaped])
+                // Escaped straight into the frame: one allocation per token.
+                Frame::delta_frame(run_id, seq, body.kind(), delta.len(), |buf| {
+                    // Writing a &str into memory cannot fail.
+                    let _ = serde_json::to_writer(buf.writer(), delta.as_str());
+                })
             }
             _ => {
                 // serde_json writes an internally tagged enum with the tag first:
@@ -349,22 +350,26 @@ impl Frame {
         }
     }
 
-    /// Builds a text or reasoning delta whose escaped `delta` contents are the concatenation of `parts`.
-    fn delta_from_parts(run_id: &str, seq: u64, kind: EventKind, parts: &[&[u8]]) -> Frame {
-        let len: usize = parts.iter().map(|p| p.len()).sum();
-        let mut buf = BytesMut::with_capacity(len + run_id.len() + 96);
+    /// Builds a text or reasoning delta; `literal` writes the `delta` value, a complete JSON string
+    /// literal (quotes included), whose contents the frame then remembers.
+    fn delta_frame(
+        run_id: &str,
+        seq: u64,
+        kind: EventKind,
+        len_hint: usize,
+        literal: impl FnOnce(&mut BytesMut),
+    ) -> Frame {
+        let mut buf = BytesMut::with_capacity(len_hint + run_id.len() + 96);
         let json_start = write_header(&mut buf, seq, 1, kind);
         buf.put_slice(b"{\"type\":\"");
         buf.put_slice(kind.as_str().as_bytes());
         buf.put_u8(b'"');
         write_common(&mut buf, run_id, seq);
-        buf.put_slice(DELTA_KEY);
-        let delta_start = buf.len();
-        for p in parts {
-            buf.put_slice(p);
-        }
-        let delta_end = buf.len();
-        buf.put_slice(b"\"}");
+        buf.put_slice(&DELTA_KEY[..DELTA_KEY.len() - 1]);
+        let literal_start = buf.len();
+        literal(&mut buf);
+        let literal_end = buf.len();
+        buf.put_u8(b'}');
         let json_end = buf.len();
         buf.put_slice(b"\n\n");
         Frame {
@@ -372,7 +377,8 @@ impl Frame {
             seq,
             kind,
             json: (json_start as u32, json_end as u32),
-            delta: (delta_start as u32, delta_end as u32),
+            // Between the literal's quotes.
+            delta: (literal_start as u32 + 1, literal_end as u32 - 1),
         }
     }
 
@@ -414,8 +420,14 @@ impl Frame {
         if !kind.is_mergeable_delta() || frames.iter().any(|f| f.kind != kind || f.delta.1 == 0) {
             return None;
         }
-        let parts: Vec<&[u8]> = frames.iter().map(|f| f.escaped_delta()).collect();
-        Some(Frame::delta_from_parts(run_id, last.seq, kind, &parts))
+        let len: usize = frames.iter().map(Frame::delta_len).sum();
+        Some(Frame::delta_frame(run_id, last.seq, kind, len, |buf| {
+            buf.put_u8(b'"');
+            for f in frames {
+                buf.put_slice(f.escaped_delta());
+            }
+            buf.put_u8(b'"');
+        }))
     }
 
     pub fn seq(&self) -> u64 {
@@ -500,14 +512,6 @@ fn put_u64(buf: &mut BytesMut, mut n: u64) {
 fn escape_quoted(s: &str) -> Vec<u8> {
     // Serializing a &str into a Vec cannot fail.
     serde_json::to_vec(s).unwrap_or_else(|_| b"\"\"".to_vec())
-}
-
-/// The escaped contents of a JSON string literal, quotes excluded.
-fn escape_json_string(s: &str) -> Vec<u8> {
-    let mut v = escape_quoted(s);
-    v.pop();
-    v.remove(0);
-    v
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -658,6 +662,13 @@ mod tests {
             "99999999999999999999999",
         ] {
             assert_eq!(Cursor::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn kind_index_is_the_position_in_all() {
+        for (i, k) in EventKind::ALL.iter().enumerate() {
+            assert_eq!(k.index(), i, "{k:?}");
         }
     }
 
