@@ -249,16 +249,16 @@ impl Subscription {
                         }
                     }
                 }
-                let first = page.pop_front()?;
-                let mut parts = vec![first];
-                merge_run(&mut parts, page.iter(), self.coalesce.max_bytes, |f| {
-                    // Consumed below.
-                    f.clone()
-                });
-                for _ in 1..parts.len() {
-                    page.pop_front();
+                if page.is_empty() {
+                    return None;
                 }
-                merged(&self.run_id, parts)
+                let (frame, covered) = coalesced(
+                    &self.run_id,
+                    page.make_contiguous(),
+                    self.coalesce.max_bytes,
+                );
+                page.drain(..covered);
+                frame
             }
         };
         Some(frame)
@@ -276,23 +276,15 @@ async fn next_live(
     loop {
         let available = *len.borrow_and_update();
         if cursor < available {
-            let (parts, at_end) = log.read(|frames| {
+            let (frame, at_end) = log.read(|frames| {
                 let start = cursor as usize;
-                let mut parts = vec![frames[start].clone()];
-                merge_run(
-                    &mut parts,
-                    frames[start + 1..].iter(),
-                    coalesce.max_bytes,
-                    Frame::clone,
-                );
-                let at_end = start + parts.len() == frames.len();
-                (parts, at_end)
+                let (frame, covered) = coalesced(run_id, &frames[start..], coalesce.max_bytes);
+                (frame, start + covered == frames.len())
             });
-            let bytes: usize = parts.iter().map(Frame::delta_len).sum();
             let holdable = at_end
                 && !coalesce.max_delay.is_zero()
-                && parts[0].kind().is_mergeable_delta()
-                && bytes < coalesce.max_bytes
+                && frame.kind().is_mergeable_delta()
+                && frame.delta_len() < coalesce.max_bytes
                 && !log.is_closed();
             if holdable {
                 let deadline =
@@ -303,7 +295,7 @@ async fn next_live(
                     continue;
                 }
             }
-            return Some(merged(run_id, parts));
+            return Some(frame);
         }
         if log.is_closed() && cursor >= available {
             return None;
@@ -314,57 +306,29 @@ async fn next_live(
     }
 }
 
-/// Extends `parts` (holding one frame) with the following frames that are deltas of the same kind,
-/// while the merged size stays within `max_bytes`.
-fn merge_run<'a>(
-    parts: &mut Vec<Frame>,
-    rest: impl Iterator<Item = &'a Frame>,
-    max_bytes: usize,
-    take: impl Fn(&Frame) -> Frame,
-) {
-    let kind = parts[0].kind();
-    if max_bytes == 0 || !kind.is_mergeable_delta() {
-        return;
-    }
-    let mut bytes = parts[0].delta_len();
-    for f in rest {
-        if f.kind() != kind || bytes + f.delta_len() > max_bytes {
-            break;
+/// What to send for `frames[0]`: the frame itself, or it merged with the deltas of its kind that
+/// directly follow, within `max_bytes`; and how many frames that covers. Nothing is allocated
+/// unless there is something to merge.
+fn coalesced(run_id: &str, frames: &[Frame], max_bytes: usize) -> (Frame, usize) {
+    let first = &frames[0];
+    let kind = first.kind();
+    let mut covered = 1;
+    if max_bytes > 0 && kind.is_mergeable_delta() {
+        let mut bytes = first.delta_len();
+        for f in &frames[1..] {
+            if f.kind() != kind || bytes + f.delta_len() > max_bytes {
+                break;
+            }
+            bytes += f.delta_len();
+            covered += 1;
         }
-        bytes += f.delta_len();
-        parts.push(take(f));
     }
-}
-
-fn merged(run_id: &str, parts: Vec<Frame>) -> Frame {
-    if parts.len() == 1 {
-        return parts
-            .into_iter()
-            .next()
-            .unwrap_or_else(|| unreachable_frame(run_id));
+    if covered > 1
+        && let Some(merged) = Frame::merge_deltas(run_id, &frames[..covered])
+    {
+        return (merged, covered);
     }
-    match Frame::merge_deltas(run_id, &parts) {
-        Some(f) => f,
-        // merge_run only gathers same-kind deltas, so this is unreachable; fall back to the first.
-        None => parts
-            .into_iter()
-            .next()
-            .unwrap_or_else(|| unreachable_frame(run_id)),
-    }
-}
-
-#[cold]
-fn unreachable_frame(run_id: &str) -> Frame {
-    Frame::encode(
-        run_id,
-        0,
-        &sluice_protocol::EventBody::Error {
-            error: sluice_protocol::ErrorInfo::new(
-                sluice_protocol::ErrorCode::Internal,
-                "empty merge",
-            ),
-        },
-    )
+    (first.clone(), 1)
 }
 
 #[cfg(test)]
