@@ -299,6 +299,11 @@ pub enum WsClientMessage {
         on_busy: OnBusy,
         #[serde(default)]
         agent: Option<String>,
+        /// The client's own tag for this request: the server answers `run_accepted` (or a
+        /// `request_error`) carrying it, so a client with several starts in flight can tell them
+        /// apart.
+        #[serde(default)]
+        request_id: Option<String>,
     },
     /// Follow a run from after `after` (0 = from the start).
     Subscribe {
@@ -310,6 +315,17 @@ pub enum WsClientMessage {
     Unsubscribe { run_id: String },
     /// Cancel a run.
     Cancel { run_id: String },
+    /// Liveness probe: the server answers `{"type":"pong"}` (browsers cannot see WebSocket pings).
+    Ping,
+}
+
+/// The answer to a `user_message` that named a `request_id`: the run it started.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename = "run_accepted")]
+pub struct WsRunAccepted {
+    pub request_id: String,
+    pub run_id: String,
+    pub thread_id: String,
 }
 
 /// A WebSocket reply that is not a run event: a request the server could not carry out.
@@ -321,4 +337,7 @@ pub struct WsRequestError {
     /// The run the failed request named, when it named one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_id: Option<String>,
+    /// The failed `user_message`'s `request_id`, when it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }

@@ -13,7 +13,7 @@ use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use futures_util::{SinkExt, StreamExt};
 use sluice_engine::event_log::Subscription;
-use sluice_protocol::api::{RunRequest, WsClientMessage, WsRequestError};
+use sluice_protocol::api::{RunRequest, WsClientMessage, WsRequestError, WsRunAccepted};
 use sluice_protocol::{Cursor, ErrorCode};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -85,6 +85,7 @@ async fn session(st: Arc<AppState>, owner: String, socket: WebSocket) {
                 model,
                 on_busy,
                 agent,
+                request_id,
             } => {
                 let req = RunRequest {
                     content,
@@ -96,13 +97,29 @@ async fn session(st: Arc<AppState>, owner: String, socket: WebSocket) {
                 let started = st.engine.start_run(&owner, thread_id.as_deref(), req).await;
                 match started {
                     Ok(run) => {
+                        if let Some(request_id) = request_id {
+                            let accepted = WsRunAccepted {
+                                request_id,
+                                run_id: run.id.to_string(),
+                                thread_id: run.thread_id.to_string(),
+                            };
+                            send_json(&tx, &accepted).await;
+                        }
                         let sub = st
                             .engine
                             .subscribe(&owner, &run.id, Cursor::new(0), None)
                             .await;
                         follow(&st, &tx, &mut follows, run.id.to_string(), sub);
                     }
-                    Err(e) => reply_error(&tx, e.code(), e.to_string(), None).await,
+                    Err(e) => {
+                        let body = WsRequestError {
+                            code: e.code(),
+                            message: e.to_string(),
+                            run_id: None,
+                            request_id,
+                        };
+                        send_json(&tx, &body).await;
+                    }
                 }
             }
             WsClientMessage::Subscribe { run_id, after } => {
@@ -116,6 +133,9 @@ async fn session(st: Arc<AppState>, owner: String, socket: WebSocket) {
                 if let Some(h) = follows.remove(&run_id) {
                     h.abort();
                 }
+            }
+            WsClientMessage::Ping => {
+                let _ = tx.send(Message::Text(r#"{"type":"pong"}"#.into())).await;
             }
             WsClientMessage::Cancel { run_id } => {
                 if let Err(e) = st.engine.cancel(&owner, &run_id).await {
@@ -184,8 +204,13 @@ async fn reply_error(
         code,
         message,
         run_id,
+        request_id: None,
     };
-    if let Ok(text) = serde_json::to_string(&body) {
+    send_json(tx, &body).await;
+}
+
+async fn send_json(tx: &mpsc::Sender<Message>, body: &impl serde::Serialize) {
+    if let Ok(text) = serde_json::to_string(body) {
         let _ = tx.send(Message::Text(text.into())).await;
     }
 }

@@ -441,3 +441,92 @@ async fn heartbeats_fill_silence_as_sse_comments() {
     }
     panic!("stream ended without a heartbeat");
 }
+
+#[tokio::test]
+async fn websocket_tags_starts_with_request_ids_and_answers_pings() {
+    let server = TestServer::start(Opts {
+        tokens_per_sec: 0.0,
+        ..Opts::default()
+    })
+    .await;
+    let ws_url = format!("{}/v1/ws", server.url.replace("http://", "ws://"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(&ws_url).await.expect("ws");
+    ws.send(Message::Text(r#"{"type":"ping"}"#.into()))
+        .await
+        .expect("send");
+    ws.send(Message::Text(
+        r#"{"type":"user_message","content":"tagged","request_id":"a1"}"#.into(),
+    ))
+    .await
+    .expect("send");
+    ws.send(Message::Text(
+        r#"{"type":"user_message","content":"","request_id":"a2"}"#.into(),
+    ))
+    .await
+    .expect("send");
+    let mut seen = Vec::new();
+    let mut accepted = None;
+    let mut refused = None;
+    let mut started = None;
+    while accepted.is_none() || refused.is_none() || started.is_none() || seen.is_empty() {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("a reply")
+            .expect("open")
+            .expect("message");
+        let v: serde_json::Value =
+            serde_json::from_str(msg.to_text().expect("text")).expect("json");
+        match v["type"].as_str() {
+            Some("pong") => seen.push("pong"),
+            Some("run_accepted") => accepted = Some(v),
+            Some("request_error") => refused = Some(v),
+            Some("run_started") => started = Some(v),
+            _ => {}
+        }
+    }
+    let accepted = accepted.expect("accepted");
+    let started = started.expect("started");
+    assert_eq!(accepted["request_id"], "a1");
+    assert_eq!(accepted["run_id"], started["run_id"]);
+    assert_eq!(accepted["thread_id"], started["thread_id"]);
+    let refused = refused.expect("refused");
+    assert_eq!(refused["request_id"], "a2");
+    assert_eq!(refused["code"], "INVALID_REQUEST");
+}
+
+#[tokio::test]
+async fn the_web_page_is_served_with_a_strict_content_security_policy() {
+    let server = TestServer::start(Opts::default()).await;
+    let http = reqwest::Client::new();
+    for (path, kind) in [
+        ("/", "text/html"),
+        ("/assets/app.js", "text/javascript"),
+        ("/assets/app.css", "text/css"),
+    ] {
+        let r = http
+            .get(format!("{}{path}", server.url))
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(r.status(), 200, "{path}");
+        let header = |name: &str| {
+            r.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert!(header("content-type").starts_with(kind), "{path}");
+        assert!(header("content-security-policy").contains("script-src 'self'"));
+        assert_eq!(header("x-content-type-options"), "nosniff");
+    }
+    let page = http
+        .get(format!("{}/", server.url))
+        .send()
+        .await
+        .expect("get")
+        .text()
+        .await
+        .expect("body");
+    assert!(page.contains(r#"<script type="module" src="/assets/app.js">"#));
+}
