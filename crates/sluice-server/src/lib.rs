@@ -8,6 +8,7 @@ pub mod auth;
 pub mod error;
 mod routes;
 mod sse;
+mod web;
 mod ws;
 
 use std::net::SocketAddr;

@@ -22,6 +22,9 @@ type St = State<Arc<AppState>>;
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.http.max_body_bytes;
     Router::new()
+        .route("/", get(crate::web::index))
+        .route("/assets/app.js", get(crate::web::app_js))
+        .route("/assets/app.css", get(crate::web::app_css))
         .route("/v1/threads", post(create_thread).get(list_threads))
         .route("/v1/threads/{id}", get(get_thread).delete(delete_thread))
         .route("/v1/threads/{id}/runs", on_thread(Answer::Background))

@@ -1,0 +1,14 @@
+export { SSEParser, SSEStreamReader, textOf } from "./sse.js";
+export type { SSEEvent, SSEStreamReaderOptions, StreamingCallbacks, CompleteInfo } from "./sse.js";
+export { detectMessage } from "./format.js";
+export type { StreamMessage, WireFormat } from "./format.js";
+export { StreamError, StreamErrorType, classify, errorFromResponse, parseRetryAfter } from "./errors.js";
+export { DEFAULT_RETRY, backoffDelay } from "./backoff.js";
+export type { RetryOptions } from "./backoff.js";
+export { RunStream } from "./run.js";
+export type { ConnectionStatus, FallbackResult, RunHandlers, RunOutcome, StatusInfo } from "./run.js";
+export { SluiceClient } from "./client.js";
+export type { ClientOptions, FollowOptions, StartOptions } from "./client.js";
+export { WebSocketTransport, wsUrlFor } from "./ws.js";
+export type { WebSocketLike, WebSocketFactory, WebSocketTransportOptions } from "./ws.js";
+export * from "./types.js";
