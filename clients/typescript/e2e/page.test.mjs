@@ -51,6 +51,8 @@ async function waitEnded(page, timeout = 30_000) {
     null,
     { timeout, polling: 50 },
   );
+  // The status is set as the terminal event arrives; its text is painted on the next frame.
+  await page.evaluate(() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r))));
   return handle.jsonValue();
 }
 
@@ -139,6 +141,22 @@ describe("the web page", () => {
     await waitEnded(page);
 
     await sendMessage(page, "Now draw a chart of it");
+    // While it streams the list stays pinned to the bottom…
+    await waitAnswerLength(page, 60);
+    const gap = () =>
+      page.evaluate(() => {
+        const m = document.getElementById("messages");
+        return { below: m.scrollHeight - m.scrollTop - m.clientHeight, top: m.scrollTop, overflow: m.scrollHeight > m.clientHeight };
+      });
+    const pinnedNow = await gap();
+    assert.ok(pinnedNow.overflow, "the thread is taller than the view");
+    assert.ok(pinnedNow.below < 48, `pinned to the bottom while streaming: ${JSON.stringify(pinnedNow)}`);
+    // …until the reader scrolls up: then it stays where they put it while text keeps coming.
+    await page.evaluate(() => (document.getElementById("messages").scrollTop = 0));
+    const grownFrom = (await lastAnswerText(page)).length;
+    await page.waitForTimeout(400);
+    assert.ok((await lastAnswerText(page)).length > grownFrom, "text kept coming");
+    assert.equal((await gap()).top, 0, "the view was not pulled back down");
     const chart = ".artifact[data-kind='chart']";
     await page.waitForSelector(`${chart}[data-status='intermediate']`, { timeout: 20_000, polling: "raf" });
     await shot(page, "04-chart-intermediate");

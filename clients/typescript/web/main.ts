@@ -10,7 +10,7 @@ import { StreamError } from "../src/errors.js";
 import type { RunOutcome, RunStream } from "../src/run.js";
 import type { Artifact, Message, SluiceEvent } from "../src/types.js";
 import { WebSocketTransport, wsUrlFor } from "../src/ws.js";
-import { el, renderChart, renderMarkdown, renderTable } from "./render.js";
+import { el, markdownToSafeHtml, renderChart, renderMarkdown, renderTable } from "./render.js";
 import type { Chart } from "chart.js";
 
 const $ = <T extends HTMLElement>(id: string): T => {
@@ -53,10 +53,34 @@ function flush(): void {
 // ---------------------------------------------------------------------------------------------
 // One assistant message.
 
+/**
+ * One run of answer text. While it streams, the part before its last blank line (outside a code
+ * fence) is settled: it is rendered once, appended to `settled`, and never touched again; only the
+ * paragraph being written is re-rendered each frame. So a frame costs the size of the newest
+ * paragraph, not of the whole answer. When the block ends it is rendered whole, once, so what
+ * stays on screen is exactly what the full text renders to (a list split by a blank line joins up).
+ */
 interface TextBlock {
   node: HTMLDivElement;
+  settled: HTMLDivElement;
+  tail: HTMLDivElement;
   text: string;
+  /** `text[..settledEnd]` is rendered into `settled`. */
+  settledEnd: number;
   painted: number;
+  /** Ended: render whole on the next paint, then leave alone. */
+  ended: boolean;
+  whole: boolean;
+}
+
+const FENCE = /^ {0,3}(```|~~~)/gm;
+
+/** Where the settled part may grow to: just after the last blank line outside a code fence. */
+function settleCut(text: string, from: number): number {
+  const cut = text.lastIndexOf("\n\n");
+  if (cut + 2 <= from) return from;
+  const fences = text.slice(from, cut).match(FENCE)?.length ?? 0;
+  return fences % 2 === 0 ? cut + 2 : from;
 }
 
 class AssistantView {
@@ -125,10 +149,10 @@ class AssistantView {
         this.appendText(e.delta);
         break;
       case "text_done":
-        this.block = null;
+        this.endBlock();
         break;
       case "function_call_delta":
-        this.block = null;
+        this.endBlock();
         this.tool(e.call_id, e.name, "writing", "writing arguments…");
         break;
       case "function_call_done":
@@ -153,20 +177,24 @@ class AssistantView {
         artifactsPanel.upsert(e.artifact);
         break;
       case "run_completed": {
+        this.endAll();
         this.setState("complete");
         const ms = this.firstTokenAt !== null && this.sentAt !== null ? Math.round(this.firstTokenAt - this.sentAt) : e.time_to_first_token_ms;
         this.showTtft(ms, e.time_to_first_token_ms);
         break;
       }
       case "run_failed":
+        this.endAll();
         this.setState("failed", e.error.message);
         artifactsPanel.dropUnfinished(e.run_id);
         break;
       case "run_cancelled":
+        this.endAll();
         this.setState("cancelled");
         artifactsPanel.dropUnfinished(e.run_id);
         break;
       case "run_interrupted":
+        this.endAll();
         this.setState("interrupted", "the server stopped during this run");
         artifactsPanel.dropUnfinished(e.run_id);
         break;
@@ -188,11 +216,30 @@ class AssistantView {
     if (server !== null) this.ttftEl.title = `the server measured ${server} ms from the request to the model's first token`;
   }
 
+  /** The current text block is complete: render it whole. */
+  private endBlock(): void {
+    if (this.block) {
+      this.block.ended = true;
+      schedule(this);
+    }
+    this.block = null;
+  }
+
+  /** The run ended: every block is complete. */
+  private endAll(): void {
+    for (const b of this.textBlocks) b.ended = true;
+    this.block = null;
+    schedule(this);
+  }
+
   private appendText(delta: string): void {
     if (!this.block) {
       const node = el("div", "markdown answer");
+      const settled = el("div");
+      const tail = el("div");
+      node.append(settled, tail);
       this.blocks.appendChild(node);
-      this.block = { node, text: "", painted: -1 };
+      this.block = { node, settled, tail, text: "", settledEnd: 0, painted: -1, ended: false, whole: false };
       this.textBlocks.push(this.block);
     }
     this.block.text += delta;
@@ -202,7 +249,7 @@ class AssistantView {
   private tool(callId: string, name: string, state: string, step: string): void {
     let card = this.tools.get(callId);
     if (!card) {
-      this.block = null;
+      this.endBlock();
       card = el("div", "tool");
       card.dataset.callId = callId;
       card.append(el("span", "icon"), el("span", "name", name), el("span", "step"));
@@ -222,8 +269,19 @@ class AssistantView {
       this.reasoningPainted = this.reasoningText.length;
     }
     for (const b of this.textBlocks) {
+      if (b.whole) continue;
+      if (b.ended) {
+        renderMarkdown(b.node, b.text);
+        b.whole = true;
+        continue;
+      }
       if (b.painted === b.text.length) continue;
-      renderMarkdown(b.node, b.text);
+      const cut = settleCut(b.text, b.settledEnd);
+      if (cut > b.settledEnd) {
+        b.settled.insertAdjacentHTML("beforeend", markdownToSafeHtml(b.text.slice(b.settledEnd, cut)));
+        b.settledEnd = cut;
+      }
+      renderMarkdown(b.tail, b.text.slice(b.settledEnd));
       b.painted = b.text.length;
     }
   }
@@ -242,13 +300,14 @@ class AssistantView {
       for (const t of turns) {
         if (t.role === "assistant") {
           if (t.content) this.appendText(t.content);
-          this.block = null;
+          this.endBlock();
           for (const c of t.tool_calls ?? []) this.tool(c.id, c.name, "done", "done");
         }
       }
     } else if (m.content) {
       this.appendText(m.content);
     }
+    this.endAll();
     this.setState(m.status === "complete" ? "complete" : m.status);
     schedule(this);
   }

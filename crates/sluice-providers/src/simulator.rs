@@ -8,6 +8,7 @@
 //! | knob | meaning | default |
 //! |---|---|---|
 //! | `tokens` | answer tokens (`tok0 tok1 …`) | 20 |
+//! | `para` | end a paragraph (a blank line) after every N answer tokens, as prose does | 0 (never) |
 //! | `reasoning` | reasoning tokens before the answer | 0 |
 //! | `tools` | parallel function calls after the answer, arguments in pieces | 0 |
 //! | `ttft_ms` | delay before the first token | 0 |
@@ -69,6 +70,8 @@ enum Fault {
 #[derive(Debug, Clone)]
 pub struct Scenario {
     tokens: u32,
+    /// A blank line after every `para` answer tokens (0 = one paragraph).
+    para: u32,
     reasoning: u32,
     tools: u32,
     ttft: Duration,
@@ -98,6 +101,7 @@ impl Scenario {
     fn parse(model: &str) -> Result<Scenario, String> {
         let mut s = Scenario {
             tokens: 20,
+            para: 0,
             reasoning: 0,
             tools: 0,
             ttft: Duration::ZERO,
@@ -127,6 +131,7 @@ impl Scenario {
             };
             match k {
                 "tokens" => s.tokens = num()? as u32,
+                "para" => s.para = num()? as u32,
                 "reasoning" => s.reasoning = num()? as u32,
                 "tools" => s.tools = num()? as u32,
                 "ttft_ms" => s.ttft = Duration::from_millis(num()?),
@@ -412,7 +417,15 @@ fn plan(sc: &mut Scenario, req: &serde_json::Value) {
         }
         _ => format!("{{\"query\":\"item {i}\",\"limit\":{i}}}"),
     };
-    let toks = |n: u32| (0..n).map(|t| format!("tok{t} ")).collect::<Vec<_>>();
+    let para = sc.para;
+    let toks = |n: u32| {
+        (0..n)
+            .map(|t| {
+                let end = if para > 0 && (t + 1) % para == 0 { "\n\n" } else { " " };
+                format!("tok{t}{end}")
+            })
+            .collect::<Vec<_>>()
+    };
     if results == 0 {
         sc.answer = toks(sc.tokens);
         sc.calls = (0..sc.tools)
@@ -777,5 +790,24 @@ impl Writer<'_> {
             Dialect::Responses => "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\n\n".to_string(),
             _ => "data: {\"choices\": [{\"delta\": \n\n".to_string(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn para_breaks_the_answer_into_paragraphs() {
+        let mut sc = Scenario::parse("openai-chat/sim?tokens=7&para=3").expect("knobs");
+        plan(&mut sc, &serde_json::json!({"messages": []}));
+        assert_eq!(
+            sc.answer.concat(),
+            "tok0 tok1 tok2\n\ntok3 tok4 tok5\n\ntok6 "
+        );
+        let mut one = Scenario::parse("openai-chat/sim?tokens=3").expect("knobs");
+        plan(&mut one, &serde_json::json!({"messages": []}));
+        assert_eq!(one.answer.concat(), "tok0 tok1 tok2 ");
+        assert!(Scenario::parse("x?para=many").is_err());
     }
 }
