@@ -163,6 +163,22 @@ describe("the web page", () => {
     await page.waitForSelector(`${chart}[data-status='final'] canvas`, { timeout: 20_000 });
     assert.equal(await waitEnded(page), "complete");
     await shot(page, "05-chart-final");
+
+    // A new version of the table: both versions can be shown, and the CSV is the latest.
+    await sendMessage(page, "Add a row to the table");
+    await page.waitForSelector(`${table}[data-version='2'][data-status='final']`, { timeout: 20_000 });
+    assert.equal(await waitEnded(page), "complete");
+    assert.equal(await page.locator(`${table} select option`).count(), 2);
+    assert.equal(await page.locator(`${table} tbody tr`).count(), 8);
+    await page.selectOption(`${table} select`, "1");
+    await page.waitForSelector(`${table}[data-version='1']`);
+    assert.equal(await page.locator(`${table} tbody tr`).count(), 7);
+    await shot(page, "05b-table-version-1");
+    await page.selectOption(`${table} select`, "2");
+    await page.waitForSelector(`${table}[data-version='2']`);
+    assert.equal(await page.locator(`${table} tbody tr`).count(), 8);
+    const csv2 = await (await fetch(new URL(csvHref, proxy.url))).text();
+    assert.equal(csv2.trim().split(/\r?\n/).length, 9, "header and eight rows");
     assert.deepEqual(errors, []);
     await page.close();
   });

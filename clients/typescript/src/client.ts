@@ -10,6 +10,7 @@ import { type RetryOptions, DEFAULT_RETRY, backoffDelay, sleep } from "./backoff
 import { StreamError, classify, errorFromResponse } from "./errors.js";
 import { type FallbackResult, type RunHandlers, type RunOutcome, RunStream } from "./run.js";
 import { SSEStreamReader } from "./sse.js";
+import { type WebSocketFactory, WebSocketTransport } from "./ws.js";
 import type {
   Artifact,
   Message,
@@ -36,6 +37,15 @@ export interface ClientOptions {
   pollIntervalMs?: number;
   /** Randomness for the jitter (tests pin it). */
   random?: () => number;
+  /**
+   * How runs are followed: `sse` (default; one connection per run) or `websocket` (every run on
+   * one socket, `GET /v1/ws`). Threads, artifacts and cancels always use plain HTTP.
+   */
+  transport?: "sse" | "websocket";
+  /** The WebSocket URL (default: `baseUrl`, or the page's origin, with ws: or wss:). */
+  webSocketUrl?: string;
+  /** Opens the socket (default: `new WebSocket(url)`). */
+  connectWebSocket?: WebSocketFactory;
 }
 
 export interface StartOptions extends RunHandlers {
@@ -52,13 +62,16 @@ export interface FollowOptions extends RunHandlers {
   after?: number;
 }
 
-type Resolved = Required<Omit<ClientOptions, "apiKey" | "retry">> & {
+type Resolved = Required<
+  Omit<ClientOptions, "apiKey" | "retry" | "webSocketUrl" | "connectWebSocket">
+> & {
   apiKey: string | undefined;
   retry: RetryOptions;
 };
 
 export class SluiceClient {
   readonly options: Resolved;
+  private readonly socket: WebSocketTransport | null;
 
   constructor(options: ClientOptions = {}) {
     this.options = {
@@ -70,7 +83,24 @@ export class SluiceClient {
       fallback: options.fallback ?? true,
       pollIntervalMs: options.pollIntervalMs ?? 1000,
       random: options.random ?? Math.random,
+      transport: options.transport ?? "sse",
     };
+    this.socket =
+      this.options.transport === "websocket"
+        ? new WebSocketTransport({
+            url: options.webSocketUrl ?? webSocketUrlOf(this.options.baseUrl),
+            apiKey: options.apiKey,
+            retry: this.options.retry,
+            random: this.options.random,
+            heartbeatTimeoutMs: this.options.heartbeatTimeoutMs,
+            ...(options.connectWebSocket ? { connect: options.connectWebSocket } : {}),
+          })
+        : null;
+  }
+
+  /** Closes the WebSocket, if runs are followed over one. */
+  close(): void {
+    this.socket?.close();
   }
 
   url(path: string): string {
@@ -142,6 +172,7 @@ export class SluiceClient {
 
   /** Starts a run (on `threadId`, or on a new thread) and follows it. */
   startRun(threadId: string | undefined, request: RunRequest, options: StartOptions = {}): RunStream {
+    if (this.socket) return this.socket.startRun(threadId, request, options);
     const run = new SseRun(this, options, 0, { threadId, request, mode: options.mode ?? "stream" });
     void run.drive();
     return run;
@@ -149,10 +180,19 @@ export class SluiceClient {
 
   /** Follows a run that exists (attach, or resume from `after`). */
   followRun(runId: string, options: FollowOptions = {}): RunStream {
+    if (this.socket) return this.socket.followRun(runId, options);
     const run = new SseRun(this, options, options.after ?? 0, undefined, runId);
     void run.drive();
     return run;
   }
+}
+
+/** `http://host/x` → `ws://host/x/v1/ws`; `""` → the page's own origin. */
+function webSocketUrlOf(baseUrl: string): string {
+  if (!baseUrl && typeof location !== "undefined") {
+    return `${location.protocol === "https:" ? "wss:" : "ws:"}//${location.host}/v1/ws`;
+  }
+  return `${baseUrl.replace(/^http/, "ws")}/v1/ws`;
 }
 
 function runsPath(threadId: string | undefined): string {

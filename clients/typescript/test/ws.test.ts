@@ -138,3 +138,38 @@ describe("WebSocketTransport", () => {
     t.close();
   });
 });
+
+describe("SluiceClient over the WebSocket transport", () => {
+  it("routes startRun and followRun to one socket, the same interface as SSE", async () => {
+    const { SluiceClient } = await import("../src/client.js");
+    const sockets: FakeSocket[] = [];
+    const client = new SluiceClient({
+      baseUrl: "http://127.0.0.1:7420",
+      transport: "websocket",
+      connectWebSocket: (url) => {
+        const s = new FakeSocket(url);
+        sockets.push(s);
+        return s;
+      },
+      fetch: (() => {
+        throw new Error("no HTTP expected");
+      }) as unknown as typeof fetch,
+    });
+    const started = client.startRun(undefined, { content: "hi", on_disconnect: "cancel" });
+    const followed = client.followRun("run1", { after: 3 });
+    expect(sockets.length).toBe(1);
+    const s = sockets[0] as FakeSocket;
+    expect(s.url).toBe("ws://127.0.0.1:7420/v1/ws");
+    s.open();
+    expect(s.sent).toEqual([
+      { type: "user_message", request_id: "r1", content: "hi" },
+      { type: "subscribe", run_id: "run1", after: 3 },
+    ]);
+    s.receive({ type: "run_accepted", request_id: "r1", run_id: "run2", thread_id: "t9" });
+    s.receive({ type: "run_completed", run_id: "run2", seq: 9 });
+    s.receive({ type: "run_cancelled", run_id: "run1", seq: 4, reason: "x" });
+    expect((await started.done).runId).toBe("run2");
+    expect((await followed.done).terminal?.type).toBe("run_cancelled");
+    client.close();
+  });
+});

@@ -345,7 +345,12 @@ class ArtifactCard {
     this.root.dataset.kind = a.kind;
     this.root.dataset.version = String(a.version);
     this.title.textContent = a.title || a.kind;
-    this.badge.textContent = a.status === "intermediate" ? "creating…" : `v${a.version}`;
+    this.badge.textContent =
+      a.status === "intermediate"
+        ? "creating…"
+        : a.version === this.latest.version
+          ? `v${a.version}`
+          : `v${a.version} of ${this.latest.version}`;
     const final = this.latest.status === "final";
     this.versions.hidden = !final;
     if (final && this.versions.options.length !== this.latest.version) {

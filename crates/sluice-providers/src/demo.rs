@@ -4,9 +4,11 @@
 //! (token) at a time at a configurable pace, then usage. When the artifact tools are offered, its
 //! first answer in a thread (or any answer asked for a table or a chart) ends with a `create_table`
 //! or `create_chart` call whose arguments stream in pieces, and its next step, seeing the result,
-//! adds a closing paragraph: a newcomer sees the whole pipeline with no provider configured. The same question always gives the same
+//! adds a closing paragraph: a newcomer sees the whole pipeline with no provider configured. Asked to
+//! "add a row" once a table exists in the thread, it calls `update_artifact`, which makes version 2. The same question always gives the same
 //! output, which the tests rely on. Pace 0 streams as fast as possible (benchmarks).
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use futures_util::stream;
@@ -88,6 +90,22 @@ fn next_token<'a>(text: &'a str, pos: &mut usize) -> Option<&'a str> {
 /// The table the demo shows in a thread's first answer (or when asked for a table).
 const DEMO_TABLE: &str = r#"{"title":"What a Sluice run streams","columns":["event","what it carries"],"rows":[["run_started","the run, thread and message ids"],["reasoning_delta","the model's thinking, token by token"],["text_delta","the answer, token by token"],["function_call_delta","a tool call's arguments as they are written"],["tool_execution_progress","a running tool's current step"],["artifact_intermediate","a table, chart or document filling in"],["run_completed","usage and time to first token"]]}"#;
 
+/// The row the demo adds when asked to "add a row" to its table.
+const DEMO_ROW: [&str; 2] = ["usage", "token counts as the provider reported them"];
+
+/// The id of the newest table a `create_table` call made in this conversation, from its result.
+fn last_table(history: &[crate::ChatMessage]) -> Option<String> {
+    history.iter().rev().find_map(|m| {
+        if m.role != Role::Tool {
+            return None;
+        }
+        let result: serde_json::Value = serde_json::from_str(&m.content).ok()?;
+        (result["kind"] == "table")
+            .then(|| result["artifact_id"].as_str().map(str::to_string))
+            .flatten()
+    })
+}
+
 /// The chart the demo draws when asked for one.
 const DEMO_CHART: &str = r#"{"title":"Tokens per second through the week","chart_type":"bar","labels":["Mon","Tue","Wed","Thu","Fri"],"series":[{"name":"demo","values":[28,31,30,33,29]},{"name":"target","values":[30,30,30,30,30]}]}"#;
 
@@ -97,7 +115,7 @@ struct Cursor {
     reasoning: String,
     answer: String,
     /// A tool call to write after the answer: (name, arguments).
-    call: Option<(&'static str, &'static str)>,
+    call: Option<(&'static str, Cow<'static, str>)>,
     phase: u8,
     pos: usize,
     usage: Usage,
@@ -132,7 +150,7 @@ impl Cursor {
                         ModelEvent::TextDone
                     }
                 },
-                2 => match self.call {
+                2 => match &self.call {
                     Some((name, args)) if self.pos < args.len() => {
                         let mut end = (self.pos + FRAGMENT).min(args.len());
                         while !args.is_char_boundary(end) {
@@ -142,7 +160,7 @@ impl Cursor {
                         self.pos = end;
                         ModelEvent::FunctionCallDelta {
                             call_id: "demo_call_1".into(),
-                            name: name.into(),
+                            name: (*name).into(),
                             delta,
                         }
                     }
@@ -150,8 +168,8 @@ impl Cursor {
                         self.phase = 3;
                         ModelEvent::FunctionCallDone {
                             call_id: "demo_call_1".into(),
-                            name: name.into(),
-                            arguments: args.into(),
+                            name: (*name).into(),
+                            arguments: args.to_string(),
                         }
                     }
                     None => {
@@ -185,16 +203,31 @@ impl Model for DemoModel {
         let first_answer = !before.iter().any(|m| m.role == Role::Assistant);
         let offered = |name: &str| request.tools.iter().any(|t| t.name == name);
         let asks = |word: &str| question.to_lowercase().contains(word);
-        let call = if has_results {
+        let updated = after
+            .iter()
+            .any(|m| m.tool_name.as_deref() == Some("update_artifact"));
+        let call: Option<(&'static str, Cow<'static, str>)> = if has_results {
             None
+        } else if asks("add a row") && offered("update_artifact") {
+            last_table(before).map(|id| {
+                let args = serde_json::json!({"artifact_id": id, "append_rows": [DEMO_ROW]});
+                ("update_artifact", Cow::Owned(args.to_string()))
+            })
         } else if asks("chart") && offered("create_chart") {
-            Some(("create_chart", DEMO_CHART))
+            Some(("create_chart", Cow::Borrowed(DEMO_CHART)))
         } else if (asks("table") || first_answer) && offered("create_table") {
-            Some(("create_table", DEMO_TABLE))
+            Some(("create_table", Cow::Borrowed(DEMO_TABLE)))
         } else {
             None
         };
-        let (reasoning, answer) = if has_results {
+        let (reasoning, answer) = if updated {
+            (
+                String::new(),
+                "\n\nThe table has a new version with one more row; every version is kept, so the \
+                 earlier one is still there to compare."
+                    .to_string(),
+            )
+        } else if has_results {
             (
                 String::new(),
                 "\n\nThat artifact arrived as a tool call: it filled in while its arguments streamed, \
@@ -213,7 +246,9 @@ impl Model for DemoModel {
             .iter()
             .map(|m| m.content.split_whitespace().count() as u64)
             .sum::<u64>();
-        let call_tokens = call.map_or(0, |(_, args)| args.len().div_ceil(FRAGMENT) as u64);
+        let call_tokens = call
+            .as_ref()
+            .map_or(0, |(_, args)| args.len().div_ceil(FRAGMENT) as u64);
         let (reasoning_tokens, output_tokens) = (count(&reasoning), count(&answer) + call_tokens);
         let usage = Usage {
             input_tokens,
@@ -226,6 +261,7 @@ impl Model for DemoModel {
         } else {
             None
         };
+        let stop = if call.is_some() { "tool_calls" } else { "stop" };
         let cursor = Cursor {
             reasoning,
             answer,
@@ -233,7 +269,7 @@ impl Model for DemoModel {
             phase: 0,
             pos: 0,
             usage,
-            stop: if call.is_some() { "tool_calls" } else { "stop" },
+            stop,
             pause,
             next_at: None,
         };
@@ -279,5 +315,67 @@ mod tests {
         );
         assert!(r1.len() > 10 && a1.len() > 50);
         assert!(a1.iter().all(|t| !t.is_empty()));
+    }
+
+    fn calls(messages: Vec<crate::ChatMessage>) -> Vec<(String, String)> {
+        use futures_util::StreamExt;
+        let tools: std::sync::Arc<[crate::ToolSpec]> = ["create_table", "update_artifact"]
+            .iter()
+            .map(|n| crate::ToolSpec {
+                name: n.to_string(),
+                description: String::new(),
+                parameters: serde_json::json!({}),
+            })
+            .collect();
+        let model = DemoModel::new(DemoConfig {
+            tokens_per_sec: 0.0,
+        });
+        let stream = model.stream(ModelRequest {
+            model: "demo".into(),
+            messages,
+            tools,
+        });
+        let events = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(stream.collect::<Vec<_>>());
+        events
+            .into_iter()
+            .filter_map(|e| match e {
+                Ok(ModelEvent::FunctionCallDone {
+                    name, arguments, ..
+                }) => Some((name, arguments)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn asked_to_add_a_row_it_updates_the_threads_table() {
+        use crate::ChatMessage;
+        let first = calls(vec![ChatMessage::text(Role::User, "hello")]);
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].0, "create_table");
+        let history = vec![
+            ChatMessage::text(Role::User, "hello"),
+            ChatMessage::text(Role::Assistant, "here"),
+            ChatMessage::tool_result(
+                "demo_call_1",
+                "create_table",
+                r#"{"artifact_id":"a1","kind":"table","version":1}"#,
+            ),
+            ChatMessage::text(Role::Assistant, "done"),
+            ChatMessage::text(Role::User, "Please add a row"),
+        ];
+        let update = calls(history.clone());
+        assert_eq!(update.len(), 1);
+        assert_eq!(update[0].0, "update_artifact");
+        let args: serde_json::Value = serde_json::from_str(&update[0].1).expect("json");
+        assert_eq!(args["artifact_id"], "a1");
+        assert_eq!(args["append_rows"][0][0], "usage");
+        // With no table in the thread there is nothing to update.
+        let mut no_table = history;
+        no_table.remove(2);
+        assert!(calls(no_table).is_empty());
     }
 }

@@ -421,7 +421,11 @@ fn plan(sc: &mut Scenario, req: &serde_json::Value) {
     let toks = |n: u32| {
         (0..n)
             .map(|t| {
-                let end = if para > 0 && (t + 1) % para == 0 { "\n\n" } else { " " };
+                let end = if para > 0 && (t + 1) % para == 0 {
+                    "\n\n"
+                } else {
+                    " "
+                };
                 format!("tok{t}{end}")
             })
             .collect::<Vec<_>>()
