@@ -221,6 +221,8 @@ describe("the web page", () => {
     await page.reload();
     await page.waitForSelector(".msg.assistant[data-status='complete']");
     assert.equal(await lastAnswerText(page), live);
+    // A finished message shows its time to first token too (from its run).
+    await page.waitForSelector(".msg.assistant .ttft[data-ms]");
     assert.deepEqual(errors, []);
     await page.close();
   });

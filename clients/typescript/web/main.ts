@@ -209,7 +209,7 @@ class AssistantView {
     if (this.sentAt !== null) this.showTtft(Math.round(this.firstTokenAt - this.sentAt), null);
   }
 
-  private showTtft(ms: number | null, server: number | null): void {
+  showTtft(ms: number | null, server: number | null): void {
     if (ms === null || ms === undefined) return;
     this.ttftEl.dataset.ms = String(ms);
     this.ttftEl.textContent = `first token ${ms} ms`;
@@ -550,6 +550,7 @@ async function openThread(id: string | null): Promise<void> {
   if (mine !== generation) return;
   $("thread-title").textContent = thread.title || "Untitled";
   for (const a of thread.artifacts ?? []) artifactsPanel.upsert(a);
+  const stored: [string, AssistantView][] = [];
   for (const m of thread.messages ?? []) {
     if (m.role === "user") {
       userBubble(m.content);
@@ -562,7 +563,17 @@ async function openThread(id: string | null): Promise<void> {
       follow(client.followRun(m.run_id, handlers(view)), view);
     } else {
       view.showStored(m);
+      if (m.run_id) stored.push([m.run_id, view]);
     }
+  }
+  // Time to first token of the finished messages, from their runs (the newest fifty).
+  for (const [runId, view] of stored.slice(-50)) {
+    client.getRun(runId).then(
+      (run) => {
+        if (mine === generation) view.showTtft(run.time_to_first_token_ms ?? null, run.time_to_first_token_ms ?? null);
+      },
+      () => {},
+    );
   }
   pinned = true;
   schedule({ paint() {} });

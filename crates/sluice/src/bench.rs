@@ -43,6 +43,27 @@ pub struct BenchArgs {
     /// Tokens per run in the provider comparison.
     #[arg(long, default_value_t = 200)]
     pub provider_tokens: u32,
+    /// Pin the server (all its threads) to these CPUs (`taskset` list, e.g. `1`), so that it does
+    /// not share cores with the load generator and the simulator (pinned with `--others-cpus`).
+    #[arg(long)]
+    pub server_cpus: Option<String>,
+    /// Pin this load generator and the simulator to these CPUs (e.g. `0`).
+    #[arg(long)]
+    pub others_cpus: Option<String>,
+}
+
+/// Pins every thread of process `pid` to `cpus` (a `taskset` CPU list).
+fn pin(pid: u32, cpus: Option<&str>) -> anyhow::Result<()> {
+    let Some(cpus) = cpus else { return Ok(()) };
+    let status = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .context("running taskset (util-linux) to pin a process")?;
+    if !status.success() {
+        bail!("taskset could not pin process {pid} to CPUs {cpus}");
+    }
+    Ok(())
 }
 
 struct Server {
@@ -265,7 +286,7 @@ fn ms(d: Duration) -> String {
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(runs) = args.providers {
-        return providers(runs, args.provider_tokens, args.streams).await;
+        return providers(runs, &args).await;
     }
     raise_fd_limit(args.streams as u64 * 2 + 256);
     let body = r#"{"content":"benchmark"}"#;
@@ -484,6 +505,20 @@ async fn token_times(
     body: &str,
     tokens: u32,
 ) -> anyhow::Result<Vec<Duration>> {
+    Ok(token_times_and_tail(addr, path, body, tokens, false)
+        .await?
+        .0)
+}
+
+/// `token_times`, and with `run_end` it reads on to Sluice's terminal event and also answers the
+/// run's own `time_to_first_token_ms` (from accepting the run to the upstream's first token).
+async fn token_times_and_tail(
+    addr: &str,
+    path: &str,
+    body: &str,
+    tokens: u32,
+    run_end: bool,
+) -> anyhow::Result<(Vec<Duration>, Option<Duration>)> {
     let mut sock = TcpStream::connect(addr).await?;
     sock.set_nodelay(true)?;
     let req = format!(
@@ -495,23 +530,65 @@ async fn token_times(
     let mut buf = vec![0u8; 16 * 1024];
     let mut scanner = TokenScanner::default();
     let mut times = Vec::with_capacity(tokens as usize);
+    // The last bytes received, to say what the stream looked like if it stops short.
+    let mut tail: Vec<u8> = Vec::new();
     while times.len() < tokens as usize {
-        let n = sock.read(&mut buf).await?;
+        let read = tokio::time::timeout(Duration::from_secs(10), sock.read(&mut buf)).await;
+        let Ok(n) = read else {
+            bail!(
+                "{path}: nothing for 10 s after {} of {tokens} tokens; the stream ended with:\n{}",
+                times.len(),
+                String::from_utf8_lossy(&tail)
+            );
+        };
+        let n = n?;
         if n == 0 {
             bail!("{path}: closed after {} of {tokens} tokens", times.len());
+        }
+        tail.extend_from_slice(&buf[..n]);
+        if tail.len() > 2048 {
+            tail.drain(..tail.len() - 2048);
         }
         let at = started.elapsed();
         for _ in 0..scanner.feed(&buf[..n]) {
             times.push(at);
         }
     }
-    Ok(times)
+    if !run_end {
+        return Ok((times, None));
+    }
+    const MARK: &[u8] = b"\"time_to_first_token_ms\":";
+    let at = loop {
+        if let Some(i) = tail.windows(MARK.len()).position(|w| w == MARK)
+            && tail[i..].windows(13).any(|w| w == b"\"duration_ms\"")
+        {
+            break i + MARK.len();
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), sock.read(&mut buf))
+            .await
+            .context("waiting for run_completed")??;
+        if n == 0 {
+            bail!("{path}: closed before run_completed");
+        }
+        tail.extend_from_slice(&buf[..n]);
+    };
+    let number: String = tail[at..]
+        .iter()
+        .map(|&b| b as char)
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    let ms: f64 = number.parse().context("time_to_first_token_ms")?;
+    Ok((times, Some(Duration::from_secs_f64(ms / 1000.0))))
 }
 
 #[derive(Default)]
 struct PathStats {
     ttft: Vec<Duration>,
     per_token: Vec<Duration>,
+    /// Through Sluice: the run's own time to first token (accepted → upstream's first token).
+    inside: Vec<Duration>,
+    /// Through Sluice: the client's time to first token minus the run's own.
+    outside: Vec<Duration>,
 }
 
 impl PathStats {
@@ -522,6 +599,13 @@ impl PathStats {
                 self.per_token
                     .push((*last - *first) / (times.len() as u32 - 1));
             }
+        }
+    }
+
+    fn add_inside(&mut self, client_ttft: Option<Duration>, inside: Option<Duration>) {
+        if let (Some(client), Some(inside)) = (client_ttft, inside) {
+            self.inside.push(inside);
+            self.outside.push(client.saturating_sub(inside));
         }
     }
 
@@ -542,8 +626,11 @@ fn signed_us(a: Duration, b: Duration) -> String {
 
 /// Each adapter against the simulator: the simulator called directly, and through Sluice, in
 /// alternation so both paths see the same conditions. Persistence is on.
-async fn providers(runs: usize, tokens: u32, concurrent_streams: usize) -> anyhow::Result<()> {
+async fn providers(runs: usize, args: &BenchArgs) -> anyhow::Result<()> {
+    let (tokens, concurrent_streams) = (args.provider_tokens, args.streams);
+    pin(std::process::id(), args.others_cpus.as_deref())?;
     let sim = spawn_child(&["simulate"], &[], "sluice simulator listening on http://").await?;
+    pin(sim.pid, args.others_cpus.as_deref())?;
     let sim_url = format!("http://{}", sim.addr);
     let v1 = format!("{sim_url}/v1");
     let server = spawn_child(
@@ -558,10 +645,16 @@ async fn providers(runs: usize, tokens: u32, concurrent_streams: usize) -> anyho
         "sluice listening on http://",
     )
     .await?;
+    pin(server.pid, args.server_cpus.as_deref())?;
     let model = format!("sim?tokens={tokens}");
     println!(
         "# sluice bench --providers {runs} — {tokens} tokens per run, simulator pace: as fast as possible"
     );
+    if let (Some(server), Some(others)) = (&args.server_cpus, &args.others_cpus) {
+        println!(
+            "# pinned: server on CPUs {server}; load generator and simulator on CPUs {others}"
+        );
+    }
     println!("| adapter | path | first token p50 | p99 | per token p50 | p99 |");
     println!("|---|---|---|---|---|---|");
     let adapters = [
@@ -571,6 +664,7 @@ async fn providers(runs: usize, tokens: u32, concurrent_streams: usize) -> anyho
         ("ollama", "/api/chat"),
     ];
     let mut summary = Vec::new();
+    let mut split = Vec::new();
     for (provider, path) in adapters {
         let direct_body = serde_json::json!({
             "model": model, "stream": true, "max_tokens": 4096,
@@ -587,8 +681,25 @@ async fn providers(runs: usize, tokens: u32, concurrent_streams: usize) -> anyho
         token_times(&server.addr, "/v1/runs/stream", &sluice_body, tokens).await?;
         for _ in 0..runs {
             direct.add(&token_times(&sim.addr, path, &direct_body, tokens).await?);
-            through.add(&token_times(&server.addr, "/v1/runs/stream", &sluice_body, tokens).await?);
+            let (times, inside) =
+                token_times_and_tail(&server.addr, "/v1/runs/stream", &sluice_body, tokens, true)
+                    .await?;
+            through.add(&times);
+            through.add_inside(times.first().copied(), inside);
         }
+        let (mut inside, mut outside) = (
+            std::mem::take(&mut through.inside),
+            std::mem::take(&mut through.outside),
+        );
+        inside.sort();
+        outside.sort();
+        split.push(format!(
+            "| {provider} | {} | {} | {} | {} |",
+            us(percentile(&inside, 0.5)),
+            us(percentile(&inside, 0.99)),
+            us(percentile(&outside, 0.5)),
+            us(percentile(&outside, 0.99)),
+        ));
         let (d_ttft, d_tok) = direct.sorted();
         let (s_ttft, s_tok) = through.sorted();
         for (name, ttft, tok) in [
@@ -614,6 +725,14 @@ async fn providers(runs: usize, tokens: u32, concurrent_streams: usize) -> anyho
     println!("| adapter | added to first token p50 | added p99 | added per token p50 |");
     println!("|---|---|---|---|");
     for line in summary {
+        println!("{line}");
+    }
+    println!();
+    println!(
+        "| adapter | inside the run: accepted → upstream's first token p50 | p99 | the rest (HTTP in, first frame out) p50 | p99 |"
+    );
+    println!("|---|---|---|---|---|");
+    for line in split {
         println!("{line}");
     }
     // The core benchmark through each adapter: many concurrent runs, each streaming from the
