@@ -64,6 +64,9 @@ export async function startSluice({ tokensPerSec = 40 } = {}) {
     ["serve", "--listen", `127.0.0.1:${port}`, "--data-dir", dataDir, "--demo-tokens-per-sec", String(tokensPerSec)],
     { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, SLUICE_API_KEYS: "", RUST_LOG: "warn" } },
   );
+  // If this process dies without running its after() hooks, the server must not outlive it.
+  const reap = () => child.exitCode === null && child.kill("SIGKILL");
+  process.once("exit", reap);
   child.stdout.on("data", (d) => (output += d));
   child.stderr.on("data", (d) => (output += d));
   const url = `http://127.0.0.1:${port}`;
@@ -72,6 +75,7 @@ export async function startSluice({ tokensPerSec = 40 } = {}) {
     url,
     log: () => output,
     async stop() {
+      process.removeListener("exit", reap);
       if (child.exitCode === null) {
         child.kill("SIGTERM");
         await new Promise((r) => child.once("exit", r));
