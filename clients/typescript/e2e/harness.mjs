@@ -53,7 +53,7 @@ async function waitReady(url, child, log) {
 }
 
 /** Starts sluice; returns {url, stop()}. */
-export async function startSluice({ tokensPerSec = 40 } = {}) {
+export async function startSluice({ tokensPerSec = 40, apiKeys = "" } = {}) {
   const bin = sluiceBinary();
   if (!existsSync(bin)) throw new Error(`no sluice binary at ${bin}: run cargo build -p sluice (or set SLUICE_BIN)`);
   const dataDir = mkdtempSync(join(tmpdir(), "sluice-e2e-"));
@@ -62,7 +62,7 @@ export async function startSluice({ tokensPerSec = 40 } = {}) {
   const child = spawn(
     bin,
     ["serve", "--listen", `127.0.0.1:${port}`, "--data-dir", dataDir, "--demo-tokens-per-sec", String(tokensPerSec)],
-    { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, SLUICE_API_KEYS: "", RUST_LOG: "warn" } },
+    { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, SLUICE_API_KEYS: apiKeys, RUST_LOG: "warn" } },
   );
   // If this process dies without running its after() hooks, the server must not outlive it.
   const reap = () => child.exitCode === null && child.kill("SIGKILL");

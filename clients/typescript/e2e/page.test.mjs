@@ -287,4 +287,30 @@ describe("the web page", () => {
     assert.ok(result.types.includes("text_delta"));
     await page.close();
   });
+
+  it("asks for an API key when the server has keys, then works with it", async () => {
+    const keyed = await startSluice({ apiKeys: "alice:s3cret-key" });
+    try {
+      const page = await browser.context.newPage();
+      await page.goto(`${keyed.url}/`);
+      await page.waitForSelector("#key-form:not([hidden])");
+      assert.match(await page.textContent("#notice"), /API key/);
+      await page.fill("#key-input", "wrong-key");
+      await page.press("#key-input", "Enter");
+      await page.waitForSelector("#key-form:not([hidden])");
+      await page.fill("#key-input", "s3cret-key");
+      await page.press("#key-input", "Enter");
+      await page.waitForSelector("#key-form", { state: "hidden" });
+      await sendMessage(page, "hello with a key");
+      assert.equal(await waitEnded(page), "complete");
+      const threads = await (
+        await fetch(`${keyed.url}/v1/threads`, { headers: { authorization: "Bearer s3cret-key" } })
+      ).json();
+      assert.equal(threads.threads.length, 1, "the thread belongs to the key's owner");
+      await shot(page, "10-api-key");
+      await page.close();
+    } finally {
+      await keyed.stop();
+    }
+  });
 });
