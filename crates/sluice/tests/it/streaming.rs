@@ -529,4 +529,33 @@ async fn the_web_page_is_served_with_a_strict_content_security_policy() {
         .await
         .expect("body");
     assert!(page.contains(r#"<script type="module" src="/assets/app.js">"#));
+
+    // The script goes gzipped to clients that accept it, and as it is to those that do not.
+    let script = |encoding: &'static str| {
+        let http = http.clone();
+        let url = format!("{}/assets/app.js", server.url);
+        async move {
+            let r = http
+                .get(url)
+                .header("accept-encoding", encoding)
+                .send()
+                .await
+                .expect("get");
+            let coding = r
+                .headers()
+                .get("content-encoding")
+                .map(|v| v.to_str().unwrap_or_default().to_string());
+            let vary = r.headers().get("vary").is_some();
+            (coding, vary, r.bytes().await.expect("body"))
+        }
+    };
+    let (coding, vary, gz) = script("br, gzip;q=0.8").await;
+    assert_eq!(coding.as_deref(), Some("gzip"));
+    assert!(vary);
+    assert_eq!(&gz[..2], &[0x1f, 0x8b], "a gzip stream");
+    let (coding, _, plain) = script("identity").await;
+    assert_eq!(coding, None);
+    assert!(gz.len() * 2 < plain.len());
+    let (coding, _, _) = script("gzip;q=0").await;
+    assert_eq!(coding, None, "q=0 refuses gzip");
 }
