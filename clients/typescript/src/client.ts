@@ -55,6 +55,12 @@ export interface StartOptions extends RunHandlers {
    * connection.
    */
   mode?: "stream" | "background";
+  /**
+   * Sent as `Idempotency-Key` with the start and with every retry of it, so that a start whose
+   * answer was lost is not made twice (the server gives back the run the first attempt made).
+   * Default: a fresh random key per `startRun`.
+   */
+  idempotencyKey?: string;
 }
 
 export interface FollowOptions extends RunHandlers {
@@ -114,12 +120,21 @@ export class SluiceClient {
   }
 
   /** A JSON request; a non-2xx answer becomes a `SERVER` error with the server's code. */
-  async request<T>(method: string, path: string, body?: unknown, signal?: AbortSignal): Promise<T> {
+  async request<T>(
+    method: string,
+    path: string,
+    body?: unknown,
+    signal?: AbortSignal,
+    extraHeaders: Record<string, string> = {},
+  ): Promise<T> {
     let response: Response;
     try {
       response = await this.options.fetch(this.url(path), {
         method,
-        headers: this.headers(body === undefined ? {} : { "content-type": "application/json" }),
+        headers: this.headers({
+          ...(body === undefined ? {} : { "content-type": "application/json" }),
+          ...extraHeaders,
+        }),
         body: body === undefined ? null : JSON.stringify(body),
         signal: signal ?? null,
       });
@@ -165,15 +180,20 @@ export class SluiceClient {
   async models(): Promise<{ default: string; models: ModelInfo[] }> {
     return this.request("GET", "/v1/models");
   }
-  /** Runs to the end without streaming: `{run, message}`. */
-  runAndWait(threadId: string | undefined, request: RunRequest): Promise<FallbackResult> {
-    return this.request("POST", `${runsPath(threadId)}/wait`, request);
+  /**
+   * Runs to the end without streaming: `{run, message}`. With the key of an earlier start, it
+   * waits for that run instead of starting another.
+   */
+  runAndWait(threadId: string | undefined, request: RunRequest, idempotencyKey?: string): Promise<FallbackResult> {
+    const headers: Record<string, string> = idempotencyKey ? { "idempotency-key": idempotencyKey } : {};
+    return this.request("POST", `${runsPath(threadId)}/wait`, request, undefined, headers);
   }
 
   /** Starts a run (on `threadId`, or on a new thread) and follows it. */
   startRun(threadId: string | undefined, request: RunRequest, options: StartOptions = {}): RunStream {
     if (this.socket) return this.socket.startRun(threadId, request, options);
-    const run = new SseRun(this, options, 0, { threadId, request, mode: options.mode ?? "stream" });
+    const key = options.idempotencyKey ?? newIdempotencyKey();
+    const run = new SseRun(this, options, 0, { threadId, request, mode: options.mode ?? "stream", key });
     void run.drive();
     return run;
   }
@@ -203,6 +223,16 @@ interface Start {
   threadId: string | undefined;
   request: RunRequest;
   mode: "stream" | "background";
+  key: string;
+}
+
+/** A random key: `crypto.randomUUID` where it exists (secure contexts), else 128 random bits. */
+export function newIdempotencyKey(): string {
+  const c = globalThis.crypto;
+  if (typeof c?.randomUUID === "function") return c.randomUUID();
+  const bytes = new Uint8Array(16);
+  c.getRandomValues(bytes);
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
 /** A run followed over SSE. */
@@ -268,7 +298,9 @@ class SseRun extends RunStream {
     const c = this.client;
     let response: Response;
     if (this.id === undefined && this.start?.mode === "background") {
-      const run = await c.request<Run>("POST", runsPath(this.start.threadId), this.start.request, this.abort.signal);
+      const run = await c.request<Run>("POST", runsPath(this.start.threadId), this.start.request, this.abort.signal, {
+        "idempotency-key": this.start.key,
+      });
       this.id = run.id;
     }
     const resuming = this.id !== undefined;
@@ -285,7 +317,11 @@ class SseRun extends RunStream {
             }
           : {
               method: "POST",
-              headers: c.headers({ "content-type": "application/json", accept: "text/event-stream" }),
+              headers: c.headers({
+                "content-type": "application/json",
+                accept: "text/event-stream",
+                ...(this.start ? { "idempotency-key": this.start.key } : {}),
+              }),
               body: JSON.stringify(this.start?.request ?? {}),
               signal: this.abort.signal,
             },
@@ -344,7 +380,7 @@ class SseRun extends RunStream {
     try {
       let result: FallbackResult;
       if (this.id === undefined && this.start) {
-        result = await c.runAndWait(this.start.threadId, this.start.request);
+        result = await c.runAndWait(this.start.threadId, this.start.request, this.start.key);
       } else {
         result = await this.pollToEnd(this.id ?? "");
       }

@@ -7,7 +7,7 @@ export { DEFAULT_RETRY, backoffDelay } from "./backoff.js";
 export type { RetryOptions } from "./backoff.js";
 export { RunStream } from "./run.js";
 export type { ConnectionStatus, FallbackResult, RunHandlers, RunOutcome, StatusInfo } from "./run.js";
-export { SluiceClient } from "./client.js";
+export { SluiceClient, newIdempotencyKey } from "./client.js";
 export type { ClientOptions, FollowOptions, StartOptions } from "./client.js";
 export { WebSocketTransport, wsUrlFor } from "./ws.js";
 export type { WebSocketLike, WebSocketFactory, WebSocketTransportOptions } from "./ws.js";

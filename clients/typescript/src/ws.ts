@@ -8,7 +8,7 @@
 
 import { type RetryOptions, DEFAULT_RETRY, backoffDelay } from "./backoff.js";
 import { StreamError } from "./errors.js";
-import type { FollowOptions, StartOptions } from "./client.js";
+import { type FollowOptions, type StartOptions, newIdempotencyKey } from "./client.js";
 import { RunStream } from "./run.js";
 import type { RunRequest, SluiceEvent } from "./types.js";
 
@@ -48,7 +48,7 @@ export function wsUrlFor(location: { protocol: string; host: string }): string {
 
 class WsRun extends RunStream {
   /** The start to send (until `run_accepted` names the run). */
-  start: { requestId: string; threadId: string | undefined; request: RunRequest } | undefined;
+  start: { requestId: string; threadId: string | undefined; request: RunRequest; key: string } | undefined;
   constructor(options: FollowOptions | StartOptions, after: number, runId?: string) {
     super(options, after);
     this.id = runId;
@@ -94,7 +94,12 @@ export class WebSocketTransport {
   /** Starts a run (on `threadId`, or a new thread) and follows it. */
   startRun(threadId: string | undefined, request: RunRequest, options: StartOptions = {}): RunStream {
     const run = new WsRun(options, 0);
-    run.start = { requestId: `r${this.nextRequest++}`, threadId, request };
+    run.start = {
+      requestId: `r${this.nextRequest++}`,
+      threadId,
+      request,
+      key: options.idempotencyKey ?? newIdempotencyKey(),
+    };
     this.add(run);
     return run;
   }
@@ -139,10 +144,20 @@ export class WebSocketTransport {
   private announce(run: WsRun): void {
     if (run.closed) return;
     if (run.start && run.runId === undefined) {
-      const { requestId, threadId, request } = run.start;
-      // The socket's user_message takes these fields only (on_disconnect has no meaning here).
+      const { requestId, threadId, request, key } = run.start;
+      // The socket's user_message takes these fields only (on_disconnect has no meaning here). The
+      // key makes a start re-sent after a reconnect give back the run the first one made.
       const { content, model, agent, on_busy } = request;
-      this.send({ type: "user_message", request_id: requestId, thread_id: threadId, content, model, agent, on_busy });
+      this.send({
+        type: "user_message",
+        request_id: requestId,
+        idempotency_key: key,
+        thread_id: threadId,
+        content,
+        model,
+        agent,
+        on_busy,
+      });
     } else if (run.runId !== undefined) {
       this.send({ type: "subscribe", run_id: run.runId, after: run.seq });
     }

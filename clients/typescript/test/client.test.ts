@@ -266,6 +266,8 @@ describe("fallback to the non-streaming endpoint", () => {
     const outcome = await stream.done;
     expect(outcome.fallback?.message?.content).toBe("the whole answer");
     expect(calls[3]).toMatchObject({ method: "POST", url: "/v1/threads/t1/runs/wait" });
+    // With the start's key: if one of the failed attempts did start the run, this waits for it.
+    expect(calls[3]?.headers["idempotency-key"]).toBe(calls[0]?.headers["idempotency-key"]);
     expect(seen.statuses.map(([s]) => s)).toContain("fallback");
   });
 
@@ -318,6 +320,10 @@ describe("a retried start that finds its first attempt running", () => {
     await vi.advanceTimersByTimeAsync(5_000);
     expect((await stream.done).runId).toBe("run1");
     expect(calls[3]?.url).toBe("/v1/runs/run1/events");
+    // Both attempts carried one idempotency key (a server that knows it answers the same run).
+    const key = calls[0]?.headers["idempotency-key"];
+    expect(key).toMatch(/^[0-9a-f-]{32,36}$/);
+    expect(calls[1]?.headers["idempotency-key"]).toBe(key);
   });
 });
 
@@ -330,6 +336,7 @@ describe("background mode", () => {
     const stream = new SluiceClient({ fetch, apiKey: "k" }).startRun(undefined, { content: "hi" }, { mode: "background" });
     await stream.done;
     expect(calls.map((c) => `${c.method} ${c.url}`)).toEqual(["POST /v1/runs", "GET /v1/runs/run1/events"]);
+    expect(calls[0]?.headers["idempotency-key"]).toBeTruthy();
     expect(calls[1]?.headers.authorization).toBe("Bearer k");
   });
 });

@@ -55,7 +55,13 @@ describe("WebSocketTransport", () => {
     const run = t.startRun("t1", { content: "hi" }, { onEvent: (e) => events.push(e) });
     expect(last().url).toBe("ws://127.0.0.1:1/v1/ws?access_token=secret%20key");
     last().open();
-    expect(last().sent[0]).toEqual({ type: "user_message", request_id: "r1", thread_id: "t1", content: "hi" });
+    expect(last().sent[0]).toEqual({
+      type: "user_message",
+      request_id: "r1",
+      idempotency_key: expect.any(String),
+      thread_id: "t1",
+      content: "hi",
+    });
     last().receive({ type: "run_accepted", request_id: "r1", run_id: "run1", thread_id: "t1" });
     expect(run.runId).toBe("run1");
     last().event(1, "run_started");
@@ -63,6 +69,22 @@ describe("WebSocketTransport", () => {
     last().event(3, "run_completed");
     expect((await run.done).terminal?.type).toBe("run_completed");
     expect(events.map((e) => e.seq)).toEqual([1, 2, 3]);
+    t.close();
+  });
+
+  it("re-sends an unanswered start after a reconnect with the same idempotency key", async () => {
+    const { t, sockets, last } = transport();
+    t.startRun(undefined, { content: "hi" });
+    last().open();
+    const first = last().sent[0];
+    last().close(); // dropped before run_accepted: the server may or may not have started it
+    await vi.advanceTimersByTimeAsync(1000);
+    expect(sockets.length).toBe(2);
+    last().open();
+    const again = last().sent[0];
+    expect(again?.type).toBe("user_message");
+    expect(typeof first?.idempotency_key).toBe("string");
+    expect(again?.idempotency_key).toBe(first?.idempotency_key);
     t.close();
   });
 
@@ -155,14 +177,14 @@ describe("SluiceClient over the WebSocket transport", () => {
         throw new Error("no HTTP expected");
       }) as unknown as typeof fetch,
     });
-    const started = client.startRun(undefined, { content: "hi", on_disconnect: "cancel" });
+    const started = client.startRun(undefined, { content: "hi", on_disconnect: "cancel" }, { idempotencyKey: "k-42" });
     const followed = client.followRun("run1", { after: 3 });
     expect(sockets.length).toBe(1);
     const s = sockets[0] as FakeSocket;
     expect(s.url).toBe("ws://127.0.0.1:7420/v1/ws");
     s.open();
     expect(s.sent).toEqual([
-      { type: "user_message", request_id: "r1", content: "hi" },
+      { type: "user_message", request_id: "r1", idempotency_key: "k-42", content: "hi" },
       { type: "subscribe", run_id: "run1", after: 3 },
     ]);
     s.receive({ type: "run_accepted", request_id: "r1", run_id: "run2", thread_id: "t9" });

@@ -203,9 +203,33 @@ pub(crate) struct Inner {
     active_by_owner: Mutex<HashMap<String, usize>>,
     /// The unfinished runs of each thread, oldest first: the running one, then those queued.
     busy: Mutex<HashMap<String, Vec<Arc<RunHandle>>>>,
+    /// Starts by (owner, idempotency key): a retried start finds the run the first one made.
+    keyed_starts: Mutex<HashMap<(String, String), Arc<KeyedStart>>>,
     metrics: Arc<Metrics>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+}
+
+impl Inner {
+    /// A key lives as long as its run is in memory, or while a start with it is going on.
+    fn forget_keys(&self) {
+        let (Ok(runs), Ok(mut keyed)) = (self.runs.lock(), self.keyed_starts.lock()) else {
+            return;
+        };
+        keyed.retain(|_, k| match k.run.try_lock() {
+            Ok(started) => started
+                .as_ref()
+                .is_some_and(|(_, run)| runs.contains_key(&run.id)),
+            Err(_) => true,
+        });
+    }
+}
+
+/// What one idempotency key started: the request it was for (thread, content) and its run.
+#[derive(Default)]
+pub(crate) struct KeyedStart {
+    #[allow(clippy::type_complexity)]
+    run: tokio::sync::Mutex<Option<((Option<String>, String), Arc<RunHandle>)>>,
 }
 
 /// The engine. Cheap to clone.
@@ -232,6 +256,7 @@ impl Engine {
             known_threads: Mutex::new(HashMap::new()),
             active_by_owner: Mutex::new(HashMap::new()),
             busy: Mutex::new(HashMap::new()),
+            keyed_starts: Mutex::new(HashMap::new()),
             metrics,
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
@@ -248,6 +273,7 @@ impl Engine {
                 let Some(inner) = sweeper.upgrade() else {
                     return;
                 };
+                inner.forget_keys();
                 let retention = inner.config.retention;
                 let expired: Vec<Arc<str>> = match inner.runs.lock() {
                     Ok(runs) => runs
@@ -407,6 +433,61 @@ impl Engine {
         } else {
             Err(EngineError::NotFound(format!("no thread {id:?}")))
         }
+    }
+
+    /// `start_run`, made safe to retry: the first start with an `idempotency_key` makes the run, and
+    /// a later one with the same key (same owner) gets that run back instead of a second one — as
+    /// long as the run is in memory (while it goes on, and `retention` after). The same key with a
+    /// different thread or message is a `Conflict`.
+    pub async fn start_run_keyed(
+        &self,
+        owner: &str,
+        thread_id: Option<&str>,
+        request: RunRequest,
+        idempotency_key: Option<&str>,
+    ) -> Result<Arc<RunHandle>, EngineError> {
+        let Some(key) = idempotency_key else {
+            return self.start_run(owner, thread_id, request).await;
+        };
+        if key.is_empty() || key.len() > 256 {
+            return Err(EngineError::InvalidRequest(
+                "an idempotency key is 1 to 256 characters".into(),
+            ));
+        }
+        let slot = {
+            let mut keyed = self
+                .inner
+                .keyed_starts
+                .lock()
+                .map_err(|_| EngineError::Conflict("engine state poisoned".into()))?;
+            keyed
+                .entry((owner.to_string(), key.to_string()))
+                .or_default()
+                .clone()
+        };
+        // Starts with the same key wait for each other; others do not wait at all.
+        let mut started = slot.run.lock().await;
+        let asked = (thread_id.map(str::to_string), request.content.clone());
+        if let Some((first, run)) = started.as_ref() {
+            let alive = self
+                .inner
+                .runs
+                .lock()
+                .map(|runs| runs.contains_key(&run.id))
+                .unwrap_or(false);
+            if alive {
+                if *first != asked {
+                    return Err(EngineError::Conflict(format!(
+                        "idempotency key {key:?} was used for another request (run {})",
+                        run.id
+                    )));
+                }
+                return Ok(run.clone());
+            }
+        }
+        let run = self.start_run(owner, thread_id, request).await?;
+        *started = Some((asked, run.clone()));
+        Ok(run)
     }
 
     /// Starts a run on `thread_id` (a new thread when `None`) and returns at once; the run goes on

@@ -304,6 +304,10 @@ pub enum WsClientMessage {
         /// apart.
         #[serde(default)]
         request_id: Option<String>,
+        /// As the `Idempotency-Key` header of `POST …/runs`: a start re-sent with the same key
+        /// (after a reconnect) gets the run the first one made.
+        #[serde(default)]
+        idempotency_key: Option<String>,
     },
     /// Follow a run from after `after` (0 = from the start).
     Subscribe {

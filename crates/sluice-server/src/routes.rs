@@ -115,11 +115,24 @@ async fn start_run(
     st: Arc<AppState>,
     owner: String,
     thread: Option<String>,
+    headers: HeaderMap,
     req: RunRequest,
     answer: Answer,
 ) -> Result<Response, ApiError> {
     let on_disconnect = req.on_disconnect;
-    let run = st.engine.start_run(&owner, thread.as_deref(), req).await?;
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => Some(v.to_str().map_err(|_| {
+            ApiError::new(
+                ErrorCode::InvalidRequest,
+                "the Idempotency-Key header must be visible ASCII",
+            )
+        })?),
+    };
+    let run = st
+        .engine
+        .start_run_keyed(&owner, thread.as_deref(), req, key)
+        .await?;
     match answer {
         Answer::Stream => {
             let sub = st
@@ -142,16 +155,20 @@ fn on_thread(answer: Answer) -> axum::routing::MethodRouter<Arc<AppState>> {
         move |State(st): St,
               Owner(owner): Owner,
               Path(id): Path<String>,
+              headers: HeaderMap,
               ApiJson(req): ApiJson<RunRequest>| {
-            start_run(st, owner, Some(id), req, answer)
+            start_run(st, owner, Some(id), headers, req, answer)
         },
     )
 }
 
 fn on_new_thread(answer: Answer) -> axum::routing::MethodRouter<Arc<AppState>> {
     post(
-        move |State(st): St, Owner(owner): Owner, ApiJson(req): ApiJson<RunRequest>| {
-            start_run(st, owner, None, req, answer)
+        move |State(st): St,
+              Owner(owner): Owner,
+              headers: HeaderMap,
+              ApiJson(req): ApiJson<RunRequest>| {
+            start_run(st, owner, None, headers, req, answer)
         },
     )
 }

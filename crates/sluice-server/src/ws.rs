@@ -86,6 +86,7 @@ async fn session(st: Arc<AppState>, owner: String, socket: WebSocket) {
                 on_busy,
                 agent,
                 request_id,
+                idempotency_key,
             } => {
                 let req = RunRequest {
                     content,
@@ -94,7 +95,15 @@ async fn session(st: Arc<AppState>, owner: String, socket: WebSocket) {
                     on_disconnect: Default::default(),
                     agent,
                 };
-                let started = st.engine.start_run(&owner, thread_id.as_deref(), req).await;
+                let started = st
+                    .engine
+                    .start_run_keyed(
+                        &owner,
+                        thread_id.as_deref(),
+                        req,
+                        idempotency_key.as_deref(),
+                    )
+                    .await;
                 match started {
                     Ok(run) => {
                         if let Some(request_id) = request_id {

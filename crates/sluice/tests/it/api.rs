@@ -308,3 +308,82 @@ async fn an_owner_at_the_run_limit_gets_429_until_a_run_ends() {
         .await
         .expect("a slot is free again");
 }
+
+#[tokio::test]
+async fn a_start_retried_with_its_idempotency_key_gets_the_same_run() {
+    let server = TestServer::start(Opts {
+        tokens_per_sec: 50.0,
+        ..Opts::default()
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let start = |path: &'static str, key: Option<&'static str>, content: &'static str| {
+        let mut r = http
+            .post(format!("{}{path}", server.url))
+            .body(format!(r#"{{"content":"{content}"}}"#));
+        if let Some(k) = key {
+            r = r.header("idempotency-key", k);
+        }
+        r.send()
+    };
+    let first = start("/v1/runs", Some("k-1"), "once please")
+        .await
+        .expect("post");
+    assert_eq!(first.status(), 202);
+    let first: Value = first.json().await.expect("json");
+    let again = start("/v1/runs", Some("k-1"), "once please")
+        .await
+        .expect("post");
+    assert_eq!(again.status(), 202);
+    let again: Value = again.json().await.expect("json");
+    assert_eq!(again["id"], first["id"], "the same run, not a second one");
+
+    // The streaming endpoint with the key follows that run from its first event.
+    let stream = start("/v1/runs/stream", Some("k-1"), "once please")
+        .await
+        .expect("post")
+        .text()
+        .await
+        .expect("stream");
+    let started = stream
+        .lines()
+        .find_map(|l| l.strip_prefix("data: "))
+        .and_then(|d| serde_json::from_str::<Value>(d).ok())
+        .expect("run_started");
+    assert_eq!(started["type"], "run_started");
+    assert_eq!(started["run_id"], first["id"]);
+
+    // The same key for another message is a conflict; another key (or none) is another run.
+    let conflict = start("/v1/runs", Some("k-1"), "something else")
+        .await
+        .expect("post");
+    assert_eq!(conflict.status(), 409);
+    let conflict: Value = conflict.json().await.expect("json");
+    assert_eq!(code(&conflict), "CONFLICT");
+    let other: Value = start("/v1/runs", Some("k-2"), "once please")
+        .await
+        .expect("post")
+        .json()
+        .await
+        .expect("json");
+    assert_ne!(other["id"], first["id"]);
+    let plain: Value = start("/v1/runs", None, "once please")
+        .await
+        .expect("post")
+        .json()
+        .await
+        .expect("json");
+    assert_ne!(plain["id"], first["id"]);
+    let bad = start("/v1/runs", Some(""), "x").await.expect("post");
+    assert_eq!(bad.status(), 400);
+
+    // Only the keyed run and the two others exist: no duplicate was made along the way.
+    let (_, threads) = call(
+        reqwest::Method::GET,
+        format!("{}/v1/threads", server.url),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(threads["threads"].as_array().map(Vec::len), Some(3));
+}

@@ -464,11 +464,32 @@ async fn websocket_tags_starts_with_request_ids_and_answers_pings() {
     ))
     .await
     .expect("send");
+    // The same start sent twice with one idempotency key (as after a reconnect) is one run.
+    for request_id in ["a3", "a4"] {
+        ws.send(Message::Text(
+            format!(r#"{{"type":"user_message","content":"keyed","request_id":"{request_id}","idempotency_key":"w-1"}}"#)
+                .into(),
+        ))
+        .await
+        .expect("send");
+    }
     let mut seen = Vec::new();
     let mut accepted = None;
     let mut refused = None;
-    let mut started = None;
-    while accepted.is_none() || refused.is_none() || started.is_none() || seen.is_empty() {
+    let mut started = std::collections::HashMap::new();
+    let mut keyed = std::collections::HashMap::new();
+    let first_started =
+        |accepted: &Option<serde_json::Value>,
+         started: &std::collections::HashMap<String, serde_json::Value>| {
+            accepted
+                .as_ref()
+                .is_some_and(|a| started.contains_key(&a["run_id"].to_string()))
+        };
+    while !first_started(&accepted, &started)
+        || refused.is_none()
+        || seen.is_empty()
+        || keyed.len() < 2
+    {
         let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
             .await
             .expect("a reply")
@@ -478,19 +499,30 @@ async fn websocket_tags_starts_with_request_ids_and_answers_pings() {
             serde_json::from_str(msg.to_text().expect("text")).expect("json");
         match v["type"].as_str() {
             Some("pong") => seen.push("pong"),
-            Some("run_accepted") => accepted = Some(v),
+            Some("run_accepted") if v["request_id"] == "a1" => accepted = Some(v),
+            Some("run_accepted") => {
+                keyed.insert(v["request_id"].to_string(), v["run_id"].to_string());
+            }
             Some("request_error") => refused = Some(v),
-            Some("run_started") => started = Some(v),
+            Some("run_started") => {
+                started.insert(v["run_id"].to_string(), v);
+            }
             _ => {}
         }
     }
     let accepted = accepted.expect("accepted");
-    let started = started.expect("started");
+    let started = &started[&accepted["run_id"].to_string()];
     assert_eq!(accepted["request_id"], "a1");
     assert_eq!(accepted["run_id"], started["run_id"]);
     assert_eq!(accepted["thread_id"], started["thread_id"]);
     let refused = refused.expect("refused");
     assert_eq!(refused["request_id"], "a2");
+    let runs: std::collections::HashSet<&String> = keyed.values().collect();
+    assert_eq!(runs.len(), 1, "one run for one key: {keyed:?}");
+    assert_ne!(
+        keyed.values().next().map(String::as_str),
+        Some(accepted["run_id"].to_string().as_str())
+    );
     assert_eq!(refused["code"], "INVALID_REQUEST");
 }
 
