@@ -30,6 +30,9 @@ pub struct HttpConfig {
     pub heartbeat: Duration,
     /// The largest request body accepted.
     pub max_body_bytes: usize,
+    /// Origins whose pages may call the API from a browser (CORS); `*` allows any. Empty: none
+    /// (the page at `/` is same-origin and needs none).
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for HttpConfig {
@@ -37,6 +40,7 @@ impl Default for HttpConfig {
         HttpConfig {
             heartbeat: Duration::from_secs(15),
             max_body_bytes: 1024 * 1024,
+            cors_origins: Vec::new(),
         }
     }
 }

@@ -39,6 +39,9 @@ pub struct ServeArgs {
     /// The default model for runs that name none.
     #[arg(long, env = "SLUICE_DEFAULT_MODEL")]
     pub default_model: Option<String>,
+    /// Origins whose web pages may call the API (CORS), comma-separated; `*` allows any.
+    #[arg(long, env = "SLUICE_CORS_ORIGINS")]
+    pub cors_origins: Option<String>,
 }
 
 /// The file's shape. Unknown keys are errors, so a typo does not silently do nothing.
@@ -50,6 +53,9 @@ pub struct FileConfig {
     pub default_model: Option<String>,
     pub heartbeat_ms: Option<u64>,
     pub max_body_bytes: Option<usize>,
+    /// Origins whose web pages may call the API (CORS); `["*"]` allows any.
+    #[serde(default)]
+    pub cors_origins: Vec<String>,
     pub max_content_bytes: Option<usize>,
     /// The most unfinished runs one owner (API key) may have; 0 = no limit.
     pub max_active_runs_per_owner: Option<usize>,
@@ -259,11 +265,27 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Config> {
             .collect(),
         default_agent: file.default_agent,
     };
+    let cors_origins: Vec<String> = match &args.cors_origins {
+        Some(list) => list
+            .split(',')
+            .map(|o| o.trim().to_string())
+            .filter(|o| !o.is_empty())
+            .collect(),
+        None => file.cors_origins.clone(),
+    };
+    for origin in &cors_origins {
+        if !is_origin(origin) {
+            bail!(
+                "cors_origins: {origin:?} is not an origin (scheme://host[:port], no path), or \"*\""
+            );
+        }
+    }
     let http = HttpConfig {
         heartbeat: Duration::from_millis(heartbeat_ms),
         max_body_bytes: file
             .max_body_bytes
             .unwrap_or(HttpConfig::default().max_body_bytes),
+        cors_origins,
     };
     if keys.is_empty() && !listen.ip().is_loopback() {
         bail!(
@@ -419,9 +441,38 @@ fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
     toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
 }
 
+/// `*`, or `scheme://host[:port]` with an http(s) scheme and nothing after the authority.
+fn is_origin(o: &str) -> bool {
+    if o == "*" {
+        return true;
+    }
+    let Some((scheme, rest)) = o.split_once("://") else {
+        return false;
+    };
+    matches!(scheme, "http" | "https")
+        && !rest.is_empty()
+        && !rest.contains(['/', ' ', '?', '#', '@'])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cors_origins_must_be_origins() {
+        for good in ["*", "https://app.example.com", "http://127.0.0.1:5173"] {
+            assert!(is_origin(good), "{good}");
+        }
+        for bad in [
+            "app.example.com",
+            "https://app.example.com/",
+            "ftp://x",
+            "https://",
+            "https://a/b",
+        ] {
+            assert!(!is_origin(bad), "{bad}");
+        }
+    }
 
     fn args() -> ServeArgs {
         ServeArgs {
@@ -432,6 +483,7 @@ mod tests {
             api_keys: None,
             heartbeat_ms: None,
             default_model: None,
+            cors_origins: None,
         }
     }
 

@@ -639,6 +639,7 @@ type = "string"
         api_keys: None,
         heartbeat_ms: None,
         default_model: None,
+        cors_origins: None,
     };
     let running = sluice::start(sluice::config::load(&args).expect("config"))
         .await

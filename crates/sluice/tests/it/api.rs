@@ -387,3 +387,63 @@ async fn a_start_retried_with_its_idempotency_key_gets_the_same_run() {
     .await;
     assert_eq!(threads["threads"].as_array().map(Vec::len), Some(3));
 }
+
+#[tokio::test]
+async fn cors_allows_the_configured_origins_only() {
+    let server = TestServer::start(Opts {
+        cors_origins: vec!["http://app.example".into()],
+        ..Opts::default()
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let preflight = |origin: &'static str| {
+        http.request(
+            reqwest::Method::OPTIONS,
+            format!("{}/v1/runs/stream", server.url),
+        )
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization, content-type, idempotency-key, last-event-id",
+        )
+        .send()
+    };
+    let allowed = preflight("http://app.example").await.expect("preflight");
+    assert!(allowed.status().is_success(), "{}", allowed.status());
+    let h = |r: &reqwest::Response, name: &str| {
+        r.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_lowercase()
+    };
+    assert_eq!(
+        h(&allowed, "access-control-allow-origin"),
+        "http://app.example"
+    );
+    let headers = h(&allowed, "access-control-allow-headers");
+    for needed in ["authorization", "idempotency-key", "last-event-id"] {
+        assert!(headers.contains(needed), "{needed} in {headers}");
+    }
+    let other = preflight("http://evil.example").await.expect("preflight");
+    assert_eq!(h(&other, "access-control-allow-origin"), "");
+    // An actual request from the allowed origin carries the header too.
+    let get = http
+        .get(format!("{}/v1/threads", server.url))
+        .header("origin", "http://app.example")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(h(&get, "access-control-allow-origin"), "http://app.example");
+
+    // With no origins configured, nothing is allowed cross-origin.
+    let plain = TestServer::start(Opts::default()).await;
+    let get = http
+        .get(format!("{}/v1/threads", plain.url))
+        .header("origin", "http://app.example")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(h(&get, "access-control-allow-origin"), "");
+}

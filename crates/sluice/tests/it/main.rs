@@ -27,6 +27,7 @@ pub struct Opts {
     pub retention: Duration,
     pub heartbeat: Duration,
     pub max_body: usize,
+    pub cors_origins: Vec<String>,
     pub max_runs_per_owner: usize,
     pub providers: Vec<sluice_providers::http::ProviderSpec>,
     pub aliases: Vec<(String, sluice_providers::registry::Alias)>,
@@ -47,6 +48,7 @@ impl Default for Opts {
             retention: Duration::from_secs(60),
             heartbeat: Duration::from_secs(15),
             max_body: 64 * 1024,
+            cors_origins: Vec::new(),
             max_runs_per_owner: 0,
             providers: Vec::new(),
             aliases: Vec::new(),
@@ -90,6 +92,7 @@ impl TestServer {
             http: HttpConfig {
                 heartbeat: opts.heartbeat,
                 max_body_bytes: opts.max_body,
+                cors_origins: opts.cors_origins,
             },
             providers: opts.providers,
             aliases: opts.aliases,
