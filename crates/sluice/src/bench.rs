@@ -43,6 +43,10 @@ pub struct BenchArgs {
     /// Tokens per run in the provider comparison.
     #[arg(long, default_value_t = 200)]
     pub provider_tokens: u32,
+    /// Microseconds the simulator waits between tokens in the comparison (0 = as fast as it can;
+    /// a real model's gap keeps the rest of the answer from racing the first token).
+    #[arg(long, default_value_t = 0)]
+    pub provider_gap_us: u64,
     /// Pin the server (all its threads) to these CPUs (`taskset` list, e.g. `1`), so that it does
     /// not share cores with the load generator and the simulator (pinned with `--others-cpus`).
     #[arg(long)]
@@ -646,10 +650,14 @@ async fn providers(runs: usize, args: &BenchArgs) -> anyhow::Result<()> {
     )
     .await?;
     pin(server.pid, args.server_cpus.as_deref())?;
-    let model = format!("sim?tokens={tokens}");
-    println!(
-        "# sluice bench --providers {runs} — {tokens} tokens per run, simulator pace: as fast as possible"
-    );
+    let gap = args.provider_gap_us;
+    let model = format!("sim?tokens={tokens}&gap_us={gap}");
+    let pace = if gap == 0 {
+        "as fast as possible".to_string()
+    } else {
+        format!("{gap} µs between tokens")
+    };
+    println!("# sluice bench --providers {runs} — {tokens} tokens per run, simulator pace: {pace}");
     if let (Some(server), Some(others)) = (&args.server_cpus, &args.others_cpus) {
         println!(
             "# pinned: server on CPUs {server}; load generator and simulator on CPUs {others}"
