@@ -84,6 +84,9 @@ async function api(path, init) {
 describe("the web page", () => {
   it("streams the answer token by token, with thinking, a tool card and time to first token", async () => {
     const { page, errors } = await openPage();
+    // The model picker lists what the server offers, the default chosen.
+    await page.waitForSelector("#model option[value='demo']", { state: "attached" });
+    assert.equal(await page.inputValue("#model"), "demo");
     await page.fill("#input", "How does streaming work here?");
     // Sample the answer's text at every animation frame from the moment the message is sent.
     const samples = page.evaluate(

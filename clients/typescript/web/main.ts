@@ -519,7 +519,8 @@ async function send(text: string): Promise<void> {
   messagesEl.appendChild(view.root);
   pinned = true;
   schedule(view);
-  follow(client.startRun(threadId, { content: text }, handlers(view)), view);
+  const model = modelSelect.value || undefined;
+  follow(client.startRun(threadId, { content: text, model }, handlers(view)), view);
 }
 
 async function openThread(id: string | null): Promise<void> {
@@ -608,6 +609,31 @@ async function refreshThreads(): Promise<void> {
   markCurrent();
 }
 
+// The models the server offers; the choice is remembered in this browser.
+const MODEL_STORAGE = "sluice.model";
+const modelSelect = $<HTMLSelectElement>("model");
+modelSelect.addEventListener("change", () => localStorage.setItem(MODEL_STORAGE, modelSelect.value));
+
+async function loadModels(): Promise<void> {
+  let list;
+  try {
+    list = await client.models();
+  } catch {
+    return; // 401 is handled by the thread list; without models the server's default applies
+  }
+  const remembered = localStorage.getItem(MODEL_STORAGE);
+  modelSelect.replaceChildren(
+    ...list.models.map((m) => {
+      const o = el("option", undefined, m.default ? `${m.id} (default)` : m.id);
+      o.value = m.id;
+      return o;
+    }),
+  );
+  const known = list.models.some((m) => m.id === remembered);
+  modelSelect.value = known && remembered ? remembered : list.default;
+  modelSelect.hidden = list.models.length < 2 && !known;
+}
+
 function askForKey(): void {
   $("key-form").hidden = false;
   notice("This server needs an API key.");
@@ -655,9 +681,11 @@ $("key-form").addEventListener("submit", (ev) => {
   client = new SluiceClient({ apiKey: key || undefined });
   $("key-form").hidden = true;
   void refreshThreads();
+  void loadModels();
   void openThread(threadId);
 });
 window.addEventListener("hashchange", route);
 
 void refreshThreads();
+void loadModels();
 route();
