@@ -23,7 +23,7 @@ const KEY_STORAGE = "sluice.apiKey";
 let client = new SluiceClient({ apiKey: localStorage.getItem(KEY_STORAGE) ?? undefined });
 
 /** What the page has done, for the person debugging it (and the end-to-end tests). */
-const stats = { reconnects: 0, events: 0, paints: 0, resets: 0 };
+const stats = { reconnects: 0, events: 0, paints: 0, resets: 0, artifactStates: [] as string[] };
 Object.assign(window, { sluice: { get client() { return client; }, stats, SluiceClient, WebSocketTransport, wsUrlFor } });
 
 // ---------------------------------------------------------------------------------------------
@@ -341,6 +341,9 @@ class ArtifactCard {
 
   show(a: Artifact, isLatest: boolean): void {
     if (isLatest) this.latest = a;
+    // Every state shown, oldest first (the last 200): intermediate states can be brief.
+    stats.artifactStates.push(`${a.kind}:${a.status}:v${a.version}`);
+    if (stats.artifactStates.length > 200) stats.artifactStates.shift();
     this.root.dataset.status = a.status;
     this.root.dataset.kind = a.kind;
     this.root.dataset.version = String(a.version);
