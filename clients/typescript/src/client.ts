@@ -239,6 +239,8 @@ export function newIdempotencyKey(): string {
 class SseRun extends RunStream {
   private readonly client: SluiceClient;
   private start: Start | undefined;
+  /** Set when a connection delivered a new event: the backoff starts over after it. */
+  private progressed = false;
 
   constructor(client: SluiceClient, handlers: RunHandlers, after: number, start?: Start, runId?: string) {
     super(handlers, after);
@@ -291,9 +293,6 @@ class SseRun extends RunStream {
     }
   }
 
-  /** Set when a connection delivered a new event: the backoff starts over after it. */
-  private progressed = false;
-
   private async connect(): Promise<void> {
     const c = this.client;
     let response: Response;
@@ -337,10 +336,9 @@ class SseRun extends RunStream {
     });
     for await (const message of reader.readEvents()) {
       if (message.format !== "sluice") continue;
-      const event = message.data as SluiceEvent;
-      const before = this.lastSeq;
-      if (this.deliver(event, message.sse.id)) return;
-      if (this.lastSeq > before) this.progressed = true;
+      const delivered = this.deliver(message.data as SluiceEvent, message.sse.id);
+      if (delivered === "terminal") return;
+      if (delivered === "event") this.progressed = true;
     }
   }
 

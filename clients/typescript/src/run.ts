@@ -54,7 +54,9 @@ export class RunStream implements AsyncIterable<SluiceEvent> {
   private settled = false;
   private resolveDone!: (o: RunOutcome) => void;
   private rejectDone!: (e: StreamError) => void;
+  /** Events for `for await`; kept only while someone iterates, or when there is no `onEvent`. */
   private queue: SluiceEvent[] = [];
+  private iterating = false;
   private wake: (() => void) | null = null;
   private failure: StreamError | null = null;
   private finished = false;
@@ -86,36 +88,49 @@ export class RunStream implements AsyncIterable<SluiceEvent> {
   get closed(): boolean {
     return this.settled;
   }
+  /** The `seq` of the last event delivered (where a transport resumes from). */
+  get deliveredSeq(): number {
+    return this.lastSeq;
+  }
 
   /** Stops following (the run itself goes on); `done` rejects with `CANCELLED`. */
   close(): void {
     this.fail(new StreamError("CANCELLED", "closed by the caller"));
   }
 
-  /** Delivers an event unless it was delivered before; true when it is the terminal event. */
-  deliver(event: SluiceEvent, sseId?: string): boolean {
-    if (this.settled) return false;
+  /**
+   * Delivers an event unless it was delivered before (for transports). Answers `duplicate`,
+   * `event` (a new one: the connection is making progress) or `terminal` (the run ended).
+   */
+  deliver(event: SluiceEvent, sseId?: string): "duplicate" | "event" | "terminal" {
+    if (this.settled) return "duplicate";
     this.id ??= event.run_id;
-    if (event.seq <= this.lastSeq) return false;
+    if (event.seq <= this.lastSeq) return "duplicate";
     this.lastSeq = event.seq;
     this.cursor = sseId || String(event.seq);
     this.handlers.onEvent?.(event);
-    this.push(event);
+    if (this.iterating || !this.handlers.onEvent) this.push(event);
     if (isTerminal(event)) {
       this.finish({ runId: event.run_id, terminal: event });
-      return true;
+      return "terminal";
     }
-    return false;
+    return "event";
   }
 
-  /** Forget what was delivered: the server's log was reset (see `onReset`). */
-  protected reset(): void {
+  /** The run's id, learnt by a transport (a start's answer). */
+  setRunId(id: string): void {
+    this.id = id;
+  }
+
+  /** Forget what was delivered: the server's log was reset (see `onReset`). For transports. */
+  reset(): void {
     this.lastSeq = 0;
     this.cursor = "";
     this.handlers.onReset?.();
   }
 
-  protected setStatus(status: ConnectionStatus, info: StatusInfo = {}): void {
+  /** For transports: the connection's state, passed on to `onStatus`. */
+  setStatus(status: ConnectionStatus, info: StatusInfo = {}): void {
     if (this.settled && status !== "closed") return;
     this.state = status;
     this.handlers.onStatus?.(status, info);
@@ -147,6 +162,7 @@ export class RunStream implements AsyncIterable<SluiceEvent> {
   }
 
   async *[Symbol.asyncIterator](): AsyncIterator<SluiceEvent> {
+    this.iterating = true;
     for (;;) {
       const next = this.queue.shift();
       if (next) {

@@ -53,18 +53,6 @@ class WsRun extends RunStream {
     super(options, after);
     this.id = runId;
   }
-  setRunId(id: string): void {
-    this.id = id;
-  }
-  get seq(): number {
-    return this.lastSeq;
-  }
-  status_(s: "connecting" | "streaming" | "reconnecting", info = {}): void {
-    this.setStatus(s, info);
-  }
-  resetLog(): void {
-    this.reset();
-  }
 }
 
 export class WebSocketTransport {
@@ -159,7 +147,7 @@ export class WebSocketTransport {
         on_busy,
       });
     } else if (run.runId !== undefined) {
-      this.send({ type: "subscribe", run_id: run.runId, after: run.seq });
+      this.send({ type: "subscribe", run_id: run.runId, after: run.deliveredSeq });
     }
   }
 
@@ -182,7 +170,7 @@ export class WebSocketTransport {
     this.socket = socket;
     socket.onopen = () => {
       for (const run of this.runs) {
-        run.status_("streaming");
+        run.setStatus("streaming");
         this.announce(run);
       }
       this.alive();
@@ -221,7 +209,7 @@ export class WebSocketTransport {
       if (!run) return;
       const code = typeof msg.code === "string" ? msg.code : undefined;
       if (code === "STREAM_RESET" && run.runId) {
-        run.resetLog();
+        run.reset();
         this.send({ type: "subscribe", run_id: run.runId, after: 0 });
         return;
       }
@@ -230,9 +218,7 @@ export class WebSocketTransport {
     }
     const run = this.byRun(msg.run_id);
     if (!run || typeof msg.seq !== "number") return;
-    const before = run.seq;
-    run.deliver(msg as unknown as SluiceEvent);
-    if (run.seq > before) this.failures = 0;
+    if (run.deliver(msg as unknown as SluiceEvent) !== "duplicate") this.failures = 0;
   }
 
   private byRequest(id: unknown): WsRun | undefined {
@@ -261,7 +247,7 @@ export class WebSocketTransport {
     }
     const delay = backoffDelay(this.failures, this.retry, this.options.random);
     this.failures++;
-    for (const run of this.runs) run.status_("reconnecting", { attempt: this.failures, delayMs: delay, error });
+    for (const run of this.runs) run.setStatus("reconnecting", { attempt: this.failures, delayMs: delay, error });
     this.reconnectTimer = setTimeout(() => {
       this.reconnectTimer = null;
       this.ensureSocket();

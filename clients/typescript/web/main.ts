@@ -37,6 +37,8 @@ messagesEl.addEventListener("scroll", () => {
 });
 
 const dirty = new Set<{ paint(): void }>();
+/** A view with nothing to draw: scheduling it just brings the next frame's scroll-to-end. */
+const SCROLL_ONLY = { paint(): void {} };
 let frame = 0;
 function schedule(view: { paint(): void }): void {
   dirty.add(view);
@@ -580,7 +582,7 @@ async function openThread(id: string | null): Promise<void> {
     );
   }
   pinned = true;
-  schedule({ paint() {} });
+  schedule(SCROLL_ONLY); // the next frame scrolls the loaded thread to its end
 }
 
 function markCurrent(): void {

@@ -216,20 +216,26 @@ impl Inner {
         let (Ok(runs), Ok(mut keyed)) = (self.runs.lock(), self.keyed_starts.lock()) else {
             return;
         };
-        keyed.retain(|_, k| match k.run.try_lock() {
+        keyed.retain(|_, k| match k.started.try_lock() {
             Ok(started) => started
                 .as_ref()
-                .is_some_and(|(_, run)| runs.contains_key(&run.id)),
+                .is_some_and(|s| runs.contains_key(&s.run.id)),
             Err(_) => true,
         });
     }
 }
 
-/// What one idempotency key started: the request it was for (thread, content) and its run.
+/// One idempotency key: locked by the starts that carry it, holding what the first one started.
 #[derive(Default)]
 pub(crate) struct KeyedStart {
-    #[allow(clippy::type_complexity)]
-    run: tokio::sync::Mutex<Option<((Option<String>, String), Arc<RunHandle>)>>,
+    started: tokio::sync::Mutex<Option<Started>>,
+}
+
+/// The request a key was first used for, and the run it made.
+pub(crate) struct Started {
+    thread_id: Option<String>,
+    content: String,
+    run: Arc<RunHandle>,
 }
 
 /// The engine. Cheap to clone.
@@ -466,27 +472,31 @@ impl Engine {
                 .clone()
         };
         // Starts with the same key wait for each other; others do not wait at all.
-        let mut started = slot.run.lock().await;
-        let asked = (thread_id.map(str::to_string), request.content.clone());
-        if let Some((first, run)) = started.as_ref() {
+        let mut started = slot.started.lock().await;
+        if let Some(first) = started.as_ref() {
             let alive = self
                 .inner
                 .runs
                 .lock()
-                .map(|runs| runs.contains_key(&run.id))
+                .map(|runs| runs.contains_key(&first.run.id))
                 .unwrap_or(false);
             if alive {
-                if *first != asked {
+                if first.thread_id.as_deref() != thread_id || first.content != request.content {
                     return Err(EngineError::Conflict(format!(
                         "idempotency key {key:?} was used for another request (run {})",
-                        run.id
+                        first.run.id
                     )));
                 }
-                return Ok(run.clone());
+                return Ok(first.run.clone());
             }
         }
+        let content = request.content.clone();
         let run = self.start_run(owner, thread_id, request).await?;
-        *started = Some((asked, run.clone()));
+        *started = Some(Started {
+            thread_id: thread_id.map(str::to_string),
+            content,
+            run: run.clone(),
+        });
         Ok(run)
     }
 

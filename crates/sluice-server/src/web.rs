@@ -19,7 +19,7 @@ const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self' 'unsa
                    base-uri 'none'; frame-ancestors 'none'; form-action 'none'";
 
 pub async fn index() -> Response {
-    asset(INDEX_HTML, "text/html; charset=utf-8", "no-cache")
+    asset(INDEX_HTML, "text/html; charset=utf-8")
 }
 
 pub async fn app_js(request: HeaderMap) -> Response {
@@ -37,7 +37,6 @@ pub async fn app_js(request: HeaderMap) -> Response {
     let mut response = asset(
         if gzip { APP_JS_GZ } else { APP_JS },
         "text/javascript; charset=utf-8",
-        "no-cache",
     );
     let headers = response.headers_mut();
     headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
@@ -48,14 +47,15 @@ pub async fn app_js(request: HeaderMap) -> Response {
 }
 
 pub async fn app_css() -> Response {
-    asset(APP_CSS, "text/css; charset=utf-8", "no-cache")
+    asset(APP_CSS, "text/css; charset=utf-8")
 }
 
-fn asset(body: &'static [u8], content_type: &'static str, cache: &'static str) -> Response {
+/// An embedded file. `no-cache`: the browser revalidates, so a new binary's page is seen at once.
+fn asset(body: &'static [u8], content_type: &'static str) -> Response {
     let mut response = (StatusCode::OK, body).into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(CSP),

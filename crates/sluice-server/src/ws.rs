@@ -73,6 +73,7 @@ async fn session(st: Arc<AppState>, owner: String, socket: WebSocket) {
                     ErrorCode::InvalidRequest,
                     format!("unreadable message: {e}"),
                     None,
+                    None,
                 )
                 .await;
                 continue;
@@ -120,15 +121,7 @@ async fn session(st: Arc<AppState>, owner: String, socket: WebSocket) {
                             .await;
                         follow(&st, &tx, &mut follows, run.id.to_string(), sub);
                     }
-                    Err(e) => {
-                        let body = WsRequestError {
-                            code: e.code(),
-                            message: e.to_string(),
-                            run_id: None,
-                            request_id,
-                        };
-                        send_json(&tx, &body).await;
-                    }
+                    Err(e) => reply_error(&tx, e.code(), e.to_string(), None, request_id).await,
                 }
             }
             WsClientMessage::Subscribe { run_id, after } => {
@@ -148,7 +141,7 @@ async fn session(st: Arc<AppState>, owner: String, socket: WebSocket) {
             }
             WsClientMessage::Cancel { run_id } => {
                 if let Err(e) = st.engine.cancel(&owner, &run_id).await {
-                    reply_error(&tx, e.code(), e.to_string(), Some(run_id)).await;
+                    reply_error(&tx, e.code(), e.to_string(), Some(run_id), None).await;
                 }
             }
         }
@@ -177,9 +170,9 @@ fn follow(
         Ok(s) => s,
         Err(e) => {
             let tx = tx.clone();
-            tokio::spawn(
-                async move { reply_error(&tx, e.code(), e.to_string(), Some(run_id)).await },
-            );
+            tokio::spawn(async move {
+                reply_error(&tx, e.code(), e.to_string(), Some(run_id), None).await
+            });
             return;
         }
     };
@@ -208,12 +201,13 @@ async fn reply_error(
     code: ErrorCode,
     message: String,
     run_id: Option<String>,
+    request_id: Option<String>,
 ) {
     let body = WsRequestError {
         code,
         message,
         run_id,
-        request_id: None,
+        request_id,
     };
     send_json(tx, &body).await;
 }
