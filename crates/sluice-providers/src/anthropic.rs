@@ -225,12 +225,17 @@ pub fn request_body(
         body["system"] = serde_json::Value::String(system.join("\n\n"));
     }
     if !tools.is_empty() {
-        body["tools"] = tools
-            .iter()
-            .map(|t| serde_json::json!({"name": t.name, "description": t.description, "input_schema": t.parameters}))
-            .collect();
+        body["tools"] = tools_json(tools);
     }
     body
+}
+
+/// The request's `tools`.
+pub fn tools_json(tools: &[ToolSpec]) -> serde_json::Value {
+    tools
+        .iter()
+        .map(|t| serde_json::json!({"name": t.name, "description": t.description, "input_schema": t.parameters}))
+        .collect()
 }
 
 #[cfg(test)]

@@ -7,20 +7,20 @@
 //! which closes the upstream connection — that is how a cancel reaches the provider.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream::{self, BoxStream, StreamExt};
 use rand::Rng;
-use reqwest::StatusCode;
 use sluice_protocol::ErrorCode;
 use tokio::time::Instant;
 
 use crate::decode::{ByteDecoder, Decoder, Framing};
+use crate::h1;
 use crate::{
-    Model, ModelEvent, ModelRequest, ModelStream, ProviderError, anthropic, ollama, openai_chat,
-    openai_responses,
+    Model, ModelEvent, ModelRequest, ModelStream, ProviderError, ToolSpec, anthropic, ollama,
+    openai_chat, openai_responses,
 };
 
 /// The wire protocol a provider speaks.
@@ -80,13 +80,23 @@ impl WireKind {
         }
     }
 
-    fn body(self, request: &ModelRequest, max_tokens: u32) -> serde_json::Value {
-        let (model, messages, tools) = (&request.model, &request.messages, &request.tools);
+    /// The request body without its `tools` (see [`HttpModel::body`]).
+    fn body_without_tools(self, request: &ModelRequest, max_tokens: u32) -> serde_json::Value {
+        let (model, messages) = (&request.model, &request.messages);
         match self {
-            WireKind::OpenAiResponses => openai_responses::request_body(model, messages, tools),
-            WireKind::OpenAiChat => openai_chat::request_body(model, messages, tools),
-            WireKind::Anthropic => anthropic::request_body(model, messages, tools, max_tokens),
-            WireKind::Ollama => ollama::request_body(model, messages, tools),
+            WireKind::OpenAiResponses => openai_responses::request_body(model, messages, &[]),
+            WireKind::OpenAiChat => openai_chat::request_body(model, messages, &[]),
+            WireKind::Anthropic => anthropic::request_body(model, messages, &[], max_tokens),
+            WireKind::Ollama => ollama::request_body(model, messages, &[]),
+        }
+    }
+
+    /// The request's `tools` in this protocol's form.
+    fn tools(self, tools: &[ToolSpec]) -> serde_json::Value {
+        match self {
+            WireKind::OpenAiResponses => openai_responses::tools_json(tools),
+            WireKind::Anthropic => anthropic::tools_json(tools),
+            WireKind::OpenAiChat | WireKind::Ollama => crate::function_tools(tools),
         }
     }
 }
@@ -142,6 +152,19 @@ pub struct ProviderSpec {
     pub retry: Retry,
     /// Anthropic requires `max_tokens`.
     pub max_tokens: u32,
+    /// Which HTTP client sends the requests.
+    pub http_client: HttpClient,
+}
+
+/// Which HTTP client talks to a provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HttpClient {
+    /// Sluice's own HTTP/1.1 client ([`crate::h1`]) for plain-HTTP URLs with no proxy
+    /// configured; reqwest for the rest (HTTPS, proxies).
+    #[default]
+    Auto,
+    /// reqwest whatever the URL.
+    Reqwest,
 }
 
 impl std::fmt::Debug for ProviderSpec {
@@ -154,6 +177,7 @@ impl std::fmt::Debug for ProviderSpec {
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .field("timeouts", &self.timeouts)
             .field("retry", &self.retry)
+            .field("http_client", &self.http_client)
             .finish()
     }
 }
@@ -168,6 +192,7 @@ impl ProviderSpec {
             timeouts: Timeouts::default(),
             retry: Retry::default(),
             max_tokens: 8192,
+            http_client: HttpClient::default(),
         }
     }
 
@@ -183,41 +208,116 @@ impl ProviderSpec {
     }
 }
 
+/// How long an idle kept-alive connection is kept.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Enough idle connections to absorb bursts without keeping every connection of the last burst
+/// (each holds buffers) for the whole idle timeout.
+const POOL_MAX_IDLE: usize = 256;
+
 /// A provider as a [`Model`].
 pub struct HttpModel {
     spec: Arc<ProviderSpec>,
-    client: reqwest::Client,
+    client: Client,
+    /// The last request's tool list and its JSON text: every run of an agent offers the same
+    /// tools, and turning their schemas into JSON was most of the time spent building a request
+    /// body (~100 µs of the first token's path with the built-in artifact tools).
+    tools_text: Mutex<Option<KeptTools>>,
+}
+
+/// A tool list and its JSON text in one protocol's form.
+type KeptTools = (Arc<[ToolSpec]>, Arc<str>);
+
+/// The HTTP client a provider's requests go through.
+#[derive(Clone)]
+enum Client {
+    /// Sluice's own HTTP/1.1 client, read and written inside the run's task.
+    Direct(Arc<h1::Pool>),
+    Reqwest(reqwest::Client),
 }
 
 impl HttpModel {
     pub fn new(spec: ProviderSpec) -> Result<HttpModel, ProviderError> {
+        let url = reqwest::Url::parse(&spec.url()).map_err(|e| {
+            ProviderError::new(
+                ErrorCode::InvalidRequest,
+                format!("invalid base URL `{}`: {e}", spec.base_url),
+            )
+        })?;
+        if spec.http_client == HttpClient::Auto && h1::eligible(&url) {
+            let pool = h1::Pool::new(&url, POOL_MAX_IDLE, POOL_IDLE_TIMEOUT)
+                .map_err(|e| ProviderError::new(ErrorCode::InvalidRequest, e.message))?;
+            return Ok(HttpModel {
+                spec: Arc::new(spec),
+                client: Client::Direct(Arc::new(pool)),
+                tools_text: Mutex::new(None),
+            });
+        }
         let client = reqwest::Client::builder()
             .connect_timeout(spec.timeouts.connect)
             .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(90))
-            // Enough idle connections to absorb bursts without keeping every connection of the
-            // last burst (each holds buffers) for the whole idle timeout.
-            .pool_max_idle_per_host(256)
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(POOL_MAX_IDLE)
             .build()
             .map_err(|e| ProviderError::new(ErrorCode::Internal, format!("HTTP client: {e}")))?;
         Ok(HttpModel {
             spec: Arc::new(spec),
-            client,
+            client: Client::Reqwest(client),
+            tools_text: Mutex::new(None),
         })
     }
 
     pub fn spec(&self) -> &ProviderSpec {
         &self.spec
     }
+
+    /// The JSON request body: the conversation, then the tools' JSON (kept from the last
+    /// request when the tool list is the same) spliced in as the last member.
+    fn body(&self, request: &ModelRequest) -> String {
+        let kind = self.spec.kind;
+        let mut text = kind
+            .body_without_tools(request, self.spec.max_tokens)
+            .to_string();
+        if request.tools.is_empty() || !text.ends_with('}') {
+            return text;
+        }
+        let tools = {
+            let mut cached = self
+                .tools_text
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            match &*cached {
+                Some((specs, text))
+                    if Arc::ptr_eq(specs, &request.tools) || specs[..] == request.tools[..] =>
+                {
+                    text.clone()
+                }
+                _ => {
+                    let text: Arc<str> = kind.tools(&request.tools).to_string().into();
+                    *cached = Some((request.tools.clone(), text.clone()));
+                    text
+                }
+            }
+        };
+        text.pop();
+        text.push_str(",\"tools\":");
+        text.push_str(&tools);
+        text.push('}');
+        text
+    }
+
+    /// Whether requests go through Sluice's own HTTP/1.1 client (else reqwest).
+    pub fn uses_direct_client(&self) -> bool {
+        matches!(self.client, Client::Direct(_))
+    }
 }
 
 impl Model for HttpModel {
     fn stream(&self, request: ModelRequest) -> ModelStream {
-        let body = self.spec.kind.body(&request, self.spec.max_tokens);
+        let body = self.body(&request);
         let call = Call {
             spec: self.spec.clone(),
             client: self.client.clone(),
-            body: Bytes::from(body.to_string()),
+            body: Bytes::from(body),
             started: Instant::now(),
             attempt: 0,
             emitted: false,
@@ -236,13 +336,13 @@ impl Model for HttpModel {
 
 struct Call {
     spec: Arc<ProviderSpec>,
-    client: reqwest::Client,
+    client: Client,
     body: Bytes,
     started: Instant,
     attempt: u32,
     /// Whether a model event has been handed out: from then on nothing is retried.
     emitted: bool,
-    body_stream: Option<BoxStream<'static, reqwest::Result<Bytes>>>,
+    body_stream: Option<Body>,
     decoder: Option<ByteDecoder>,
     pending: VecDeque<ModelEvent>,
     /// A failure that arrived with events: handed out after them.
@@ -333,23 +433,93 @@ impl Call {
             .saturating_sub(self.started.elapsed())
     }
 
+    /// Sends the request and answers the response's status, its `Retry-After`, and its body.
+    /// (A function of the call's parts rather than of the call, so the future stays `Send`.)
+    async fn send(
+        spec: &ProviderSpec,
+        client: &Client,
+        body: &Bytes,
+    ) -> Result<(u16, Option<String>, Body), Failure> {
+        let name = &spec.name;
+        let anthropic = spec.kind == WireKind::Anthropic;
+        match client {
+            Client::Direct(pool) => {
+                let bearer = spec.api_key.as_ref().map(|k| format!("Bearer {k}"));
+                let mut headers = vec![("Content-Type", "application/json")];
+                match (&spec.api_key, &bearer) {
+                    (Some(key), _) if anthropic => headers.push(("x-api-key", key)),
+                    (_, Some(bearer)) => headers.push(("Authorization", bearer)),
+                    _ => {}
+                }
+                if anthropic {
+                    headers.push(("anthropic-version", ANTHROPIC_VERSION));
+                }
+                let resp = pool
+                    .post(&headers, body, spec.timeouts.connect)
+                    .await
+                    .map_err(|e| Failure {
+                        error: ProviderError::new(
+                            match e.kind {
+                                h1::ErrorKind::ConnectTimeout => ErrorCode::UpstreamTimeout,
+                                _ => ErrorCode::UpstreamError,
+                            },
+                            format!("cannot reach {name}: {e}"),
+                        ),
+                        retryable: e.kind != h1::ErrorKind::Request,
+                        retry_after: None,
+                    })?;
+                let retry_after = resp.header("retry-after").map(str::to_string);
+                Ok((resp.status(), retry_after, Body::Direct(resp)))
+            }
+            Client::Reqwest(client) => {
+                let mut req = client
+                    .post(spec.url())
+                    .header("content-type", "application/json")
+                    .body(body.clone());
+                if let Some(key) = &spec.api_key {
+                    req = if anthropic {
+                        req.header("x-api-key", key)
+                    } else {
+                        req.bearer_auth(key)
+                    };
+                }
+                if anthropic {
+                    req = req.header("anthropic-version", ANTHROPIC_VERSION);
+                }
+                let resp = req.send().await.map_err(|e| Failure {
+                    error: ProviderError::new(
+                        if e.is_timeout() {
+                            ErrorCode::UpstreamTimeout
+                        } else {
+                            ErrorCode::UpstreamError
+                        },
+                        format!("cannot reach {name}: {}", describe(&e)),
+                    ),
+                    retryable: true,
+                    retry_after: None,
+                })?;
+                let retry_after = resp
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                Ok((
+                    resp.status().as_u16(),
+                    retry_after,
+                    Body::Reqwest(resp.bytes_stream().boxed()),
+                ))
+            }
+        }
+    }
+
     async fn connect(&mut self) -> Result<(), Failure> {
-        let mut req = self
-            .client
-            .post(self.spec.url())
-            .header("content-type", "application/json")
-            .body(self.body.clone());
-        if let Some(key) = &self.spec.api_key {
-            req = match self.spec.kind {
-                WireKind::Anthropic => req.header("x-api-key", key),
-                _ => req.bearer_auth(key),
-            };
-        }
-        if self.spec.kind == WireKind::Anthropic {
-            req = req.header("anthropic-version", "2023-06-01");
-        }
         let name = self.spec.name.clone();
-        let resp = match tokio::time::timeout(self.first_token_left(), req.send()).await {
+        let (status, retry_after, mut body) = match tokio::time::timeout(
+            self.first_token_left(),
+            Self::send(&self.spec, &self.client, &self.body),
+        )
+        .await
+        {
             Err(_) => {
                 return Err(Failure {
                     error: ProviderError::new(
@@ -360,36 +530,17 @@ impl Call {
                     retry_after: None,
                 });
             }
-            Ok(Err(e)) => {
-                let code = if e.is_timeout() {
-                    ErrorCode::UpstreamTimeout
-                } else {
-                    ErrorCode::UpstreamError
-                };
-                return Err(Failure {
-                    error: ProviderError::new(
-                        code,
-                        format!("cannot reach {name}: {}", describe(&e)),
-                    ),
-                    retryable: true,
-                    retry_after: None,
-                });
-            }
-            Ok(Ok(resp)) => resp,
+            Ok(Err(failure)) => return Err(failure),
+            Ok(Ok(answer)) => answer,
         };
-        let status = resp.status();
-        if !status.is_success() {
-            let retry_after = resp
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
+        if !(200..300).contains(&status) {
+            let retry_after = retry_after
                 .and_then(|v| v.trim().parse::<f64>().ok())
                 .filter(|s| s.is_finite() && *s >= 0.0)
                 .map(Duration::from_secs_f64);
-            let text = match tokio::time::timeout(Duration::from_secs(5), resp.text()).await {
-                Ok(Ok(t)) => t.chars().take(500).collect::<String>(),
-                _ => String::new(),
-            };
+            let text = tokio::time::timeout(Duration::from_secs(5), body.text(500))
+                .await
+                .unwrap_or_default();
             let detail = serde_json::from_str::<serde_json::Value>(&text)
                 .ok()
                 .and_then(|v| {
@@ -401,27 +552,20 @@ impl Call {
                 })
                 .unwrap_or(text);
             let (code, retryable) = match status {
-                StatusCode::TOO_MANY_REQUESTS => (ErrorCode::RateLimited, true),
-                StatusCode::REQUEST_TIMEOUT | StatusCode::GATEWAY_TIMEOUT => {
-                    (ErrorCode::UpstreamTimeout, true)
-                }
-                s if s.is_server_error() || s.as_u16() == 529 => (ErrorCode::UpstreamError, true),
-                StatusCode::BAD_REQUEST
-                | StatusCode::NOT_FOUND
-                | StatusCode::UNPROCESSABLE_ENTITY => (ErrorCode::InvalidRequest, false),
+                429 => (ErrorCode::RateLimited, true),
+                408 | 504 => (ErrorCode::UpstreamTimeout, true),
+                500..=599 => (ErrorCode::UpstreamError, true),
+                400 | 404 | 422 => (ErrorCode::InvalidRequest, false),
                 _ => (ErrorCode::UpstreamError, false),
             };
             return Err(Failure {
-                error: ProviderError::new(
-                    code,
-                    format!("{name} answered HTTP {}: {detail}", status.as_u16()),
-                ),
+                error: ProviderError::new(code, format!("{name} answered HTTP {status}: {detail}")),
                 retryable,
                 retry_after,
             });
         }
         tracing::debug!(provider = %self.spec.name, attempt = self.attempt, headers_us = self.started.elapsed().as_micros() as u64, "upstream answered");
-        self.body_stream = Some(resp.bytes_stream().boxed());
+        self.body_stream = Some(body);
         self.decoder = Some(ByteDecoder::new(
             self.spec.kind.framing(),
             self.spec.kind.decoder(),
@@ -460,7 +604,7 @@ impl Call {
             Ok(Some(Err(e))) => Err(Failure {
                 error: ProviderError::new(
                     ErrorCode::UpstreamError,
-                    format!("the connection to {name} broke: {}", describe(&e)),
+                    format!("the connection to {name} broke: {e}"),
                 ),
                 retryable: true,
                 retry_after: None,
@@ -495,6 +639,36 @@ impl Call {
     }
 }
 
+/// The Anthropic API version requested.
+const ANTHROPIC_VERSION: &str = "2023-06-01";
+
+/// A response body from either client.
+enum Body {
+    Direct(h1::Response),
+    Reqwest(BoxStream<'static, reqwest::Result<Bytes>>),
+}
+
+impl Body {
+    /// The next piece of the body; `None` at its end.
+    async fn next(&mut self) -> Option<Result<Bytes, String>> {
+        match self {
+            Body::Direct(resp) => resp.chunk().await.map(|r| r.map_err(|e| e.message)),
+            Body::Reqwest(stream) => stream.next().await.map(|r| r.map_err(|e| describe(&e))),
+        }
+    }
+
+    /// Up to `limit` bytes of the body as text (an error answer's explanation); what arrived
+    /// before a failure.
+    async fn text(&mut self, limit: usize) -> String {
+        let mut out = Vec::new();
+        while let Some(Ok(piece)) = self.next().await {
+            let room = limit.saturating_sub(out.len());
+            out.extend_from_slice(&piece[..piece.len().min(room)]);
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
 /// A reqwest error without its URL (which could carry credentials in a misconfigured base URL),
 /// with its underlying cause.
 fn describe(e: &reqwest::Error) -> String {
@@ -514,4 +688,75 @@ fn describe(e: &reqwest::Error) -> String {
         cause = c.source();
     }
     msg
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn plain_http_upstreams_use_the_direct_client_unless_told_otherwise() {
+        let model = |base: &str, client: HttpClient| {
+            let mut spec = ProviderSpec::new("p", WireKind::OpenAiChat, base);
+            spec.http_client = client;
+            HttpModel::new(spec).unwrap().uses_direct_client()
+        };
+        let no_proxy = ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"]
+            .iter()
+            .all(|v| std::env::var_os(v).is_none());
+        if no_proxy {
+            assert!(model("http://127.0.0.1:8000/v1", HttpClient::Auto));
+            assert!(
+                model("localhost:11434", HttpClient::Auto),
+                "OLLAMA_HOST style"
+            );
+        }
+        assert!(!model("http://127.0.0.1:8000/v1", HttpClient::Reqwest));
+        assert!(!model("https://api.openai.com/v1", HttpClient::Auto));
+        assert!(HttpModel::new(ProviderSpec::new("p", WireKind::Ollama, "http://[bad")).is_err());
+    }
+
+    #[test]
+    fn the_body_with_kept_tools_is_the_adapters_own_body() {
+        let tool = |name: &str| ToolSpec {
+            name: name.into(),
+            description: format!("{name} things"),
+            parameters: serde_json::json!({"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}),
+        };
+        let messages = vec![
+            crate::ChatMessage::text(crate::Role::System, "be brief"),
+            crate::ChatMessage::text(crate::Role::User, "hi \"there\""),
+        ];
+        let first: Arc<[ToolSpec]> = vec![tool("a"), tool("b")].into();
+        let other: Arc<[ToolSpec]> = vec![tool("c")].into();
+        for kind in [
+            WireKind::OpenAiResponses,
+            WireKind::OpenAiChat,
+            WireKind::Anthropic,
+            WireKind::Ollama,
+        ] {
+            let model = HttpModel::new(ProviderSpec::new("p", kind, "http://127.0.0.1:9")).unwrap();
+            let request = |tools: &Arc<[ToolSpec]>| ModelRequest {
+                model: "m".into(),
+                messages: messages.clone(),
+                tools: tools.clone(),
+            };
+            let own = |tools: &[ToolSpec]| match kind {
+                WireKind::OpenAiResponses => openai_responses::request_body("m", &messages, tools),
+                WireKind::OpenAiChat => openai_chat::request_body("m", &messages, tools),
+                WireKind::Anthropic => anthropic::request_body("m", &messages, tools, 8192),
+                WireKind::Ollama => ollama::request_body("m", &messages, tools),
+            };
+            let parse = |s: String| serde_json::from_str::<serde_json::Value>(&s).unwrap();
+            // Built, then kept (the same list, and an equal list in another Arc), then replaced.
+            let copy: Arc<[ToolSpec]> = first.iter().cloned().collect::<Vec<_>>().into();
+            for tools in [&first, &first, &copy, &other, &first] {
+                assert_eq!(parse(model.body(&request(tools))), own(tools), "{kind:?}");
+            }
+            let none: Arc<[ToolSpec]> = Vec::new().into();
+            assert_eq!(parse(model.body(&request(&none))), own(&[]), "{kind:?}");
+        }
+    }
 }

@@ -9,6 +9,7 @@
 pub mod anthropic;
 pub mod decode;
 pub mod demo;
+pub mod h1;
 pub mod http;
 pub mod ollama;
 pub mod openai_chat;

@@ -238,19 +238,24 @@ pub fn request_body(
         body["instructions"] = serde_json::Value::String(instructions.join("\n\n"));
     }
     if !tools.is_empty() {
-        body["tools"] = tools
-            .iter()
-            .map(|t| {
-                serde_json::json!({
-                    "type": "function",
-                    "name": t.name,
-                    "description": t.description,
-                    "parameters": t.parameters,
-                })
-            })
-            .collect();
+        body["tools"] = tools_json(tools);
     }
     body
+}
+
+/// The request's `tools`.
+pub fn tools_json(tools: &[ToolSpec]) -> serde_json::Value {
+    tools
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "type": "function",
+                "name": t.name,
+                "description": t.description,
+                "parameters": t.parameters,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -166,6 +166,10 @@ async fn start_run(
         .await?;
     match answer {
         Answer::Stream => {
+            // Let the run's task go first: it sends the upstream request (the first token's
+            // critical path) before this task writes the response head, and the head then leaves
+            // together with `run_started` in one write instead of two.
+            tokio::task::yield_now().await;
             let sub = st
                 .engine
                 .subscribe(&owner, &run.id, Cursor::new(0), None)

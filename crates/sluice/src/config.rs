@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use anyhow::{Context, bail};
 use serde::Deserialize;
 use sluice_engine::{Coalesce, EngineConfig};
-use sluice_providers::http::{ProviderSpec, WireKind};
+use sluice_providers::http::{HttpClient, ProviderSpec, WireKind};
 use sluice_providers::registry::Alias;
 use sluice_server::{ApiKeys, HttpConfig};
 
@@ -134,6 +134,8 @@ pub struct ProviderSection {
     pub idle_timeout_ms: Option<u64>,
     /// Anthropic's required `max_tokens`.
     pub max_tokens: Option<u32>,
+    /// `auto` (Sluice's own HTTP/1.1 client for plain-HTTP URLs, reqwest otherwise) or `reqwest`.
+    pub http_client: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -432,6 +434,11 @@ fn provider_from_file(name: &str, s: ProviderSection) -> anyhow::Result<Provider
     if let Some(n) = s.max_tokens {
         spec.max_tokens = n;
     }
+    spec.http_client = match s.http_client.as_deref() {
+        None | Some("auto") => HttpClient::Auto,
+        Some("reqwest") => HttpClient::Reqwest,
+        Some(other) => bail!("providers.{name}.http_client = {other:?}: expected auto or reqwest"),
+    };
     Ok(spec)
 }
 
@@ -537,12 +544,29 @@ mod tests {
             .expect("myvllm");
         assert_eq!(vllm.url(), "http://127.0.0.1:8000/v1/chat/completions");
         assert_eq!(vllm.retry.max_retries, 0);
+        assert_eq!(vllm.http_client, HttpClient::Auto);
         assert_eq!(cfg.aliases[0].0, "fast");
         assert!(cfg.tools.is_empty());
         assert_eq!(cfg.aliases[0].1.fallbacks, ["demo"]);
         std::fs::write(&path, "[providers.x]\nkind = \"grpc\"\n").expect("write");
         let err = format!("{:#}", load(&a).err().expect("rejected"));
         assert!(err.contains("providers.x.kind"), "{err}");
+        let with_client = |c: &str| {
+            let text = format!("[providers.x]\nkind = \"ollama\"\nhttp_client = \"{c}\"\n");
+            std::fs::write(&path, text).expect("write");
+            load(&a).map(|cfg| {
+                cfg.providers
+                    .iter()
+                    .find(|p| p.name == "x")
+                    .map(|p| p.http_client)
+            })
+        };
+        assert_eq!(
+            with_client("reqwest").expect("valid"),
+            Some(HttpClient::Reqwest)
+        );
+        let err = format!("{:#}", with_client("curl").expect_err("rejected"));
+        assert!(err.contains("providers.x.http_client"), "{err}");
     }
 
     #[test]

@@ -66,11 +66,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tokens_per_sec: config.demo_tokens_per_sec,
     }));
     for spec in &config.providers {
-        tracing::info!(provider = %spec.name, kind = spec.kind.as_str(), url = %spec.url(), key = spec.api_key.is_some(), "provider configured");
-        registry.add_provider(
-            HttpModel::new(spec.clone())
-                .map_err(|e| anyhow::anyhow!("provider {}: {e}", spec.name))?,
-        );
+        let model = HttpModel::new(spec.clone())
+            .map_err(|e| anyhow::anyhow!("provider {}: {e}", spec.name))?;
+        let client = if model.uses_direct_client() {
+            "sluice"
+        } else {
+            "reqwest"
+        };
+        tracing::info!(provider = %spec.name, kind = spec.kind.as_str(), url = %spec.url(), key = spec.api_key.is_some(), client, "provider configured");
+        registry.add_provider(model);
     }
     for (name, alias) in &config.aliases {
         registry.add_alias(name.clone(), alias.clone());

@@ -132,6 +132,34 @@ pub async fn collect(mut stream: sluice_client::RunStream) -> Vec<StreamEvent> {
     events
 }
 
+/// Seqs rise, and skip only where the protocol lets a subscriber that fell behind skip: into a
+/// merged text/reasoning delta (which carries the last merged seq) or over superseded artifact
+/// intermediates (docs/protocol.md, "Merged deltas"). A subscriber that keeps up sees 1, 2, 3, …;
+/// one that starts behind a burst (the run's task may append several events before the stream's
+/// first poll) sees merged deltas.
+pub fn assert_seqs_follow_the_log(events: &[StreamEvent]) {
+    let mut prev = 0;
+    for e in events {
+        let seq = e.event.seq;
+        assert!(seq > prev, "seq {seq} after {prev}");
+        if seq > prev + 1 {
+            use sluice_protocol::EventKind as K;
+            let kind = e.event.body.kind();
+            assert!(
+                matches!(
+                    kind,
+                    K::TextDelta | K::ReasoningDelta | K::ArtifactIntermediate
+                ) || events
+                    .iter()
+                    .any(|x| x.event.body.kind() == K::ArtifactIntermediate),
+                "seq jumps from {prev} to {seq} at a {kind:?}, which is not a merged delta"
+            );
+        }
+        assert_eq!(e.id, seq.to_string(), "the SSE id is the seq");
+        prev = seq;
+    }
+}
+
 pub fn text_of(events: &[StreamEvent]) -> String {
     events
         .iter()

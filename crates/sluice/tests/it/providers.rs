@@ -7,15 +7,19 @@ use std::time::{Duration, Instant};
 use sluice_client::StreamEvent;
 use sluice_protocol::api::{MessageStatus, RunStatus};
 use sluice_protocol::{ErrorCode, EventBody, EventKind};
-use sluice_providers::http::{ProviderSpec, Retry, Timeouts, WireKind};
+use sluice_providers::http::{HttpClient, ProviderSpec, Retry, Timeouts, WireKind};
 use sluice_providers::registry::Alias;
 
 use crate::{Opts, TestServer, collect, req, simulator, text_of};
 
 const SECRET: &str = "sk-test-SECRET-never-shown";
 
-fn spec(name: &str, kind: WireKind, base: &str) -> ProviderSpec {
+/// Both HTTP clients: Sluice's own (plain-HTTP upstreams) and reqwest (HTTPS, proxies).
+const CLIENTS: [HttpClient; 2] = [HttpClient::Auto, HttpClient::Reqwest];
+
+fn spec(name: &str, kind: WireKind, base: &str, client: HttpClient) -> ProviderSpec {
     let mut s = ProviderSpec::new(name, kind, base);
+    s.http_client = client;
     s.api_key = Some(SECRET.into());
     s.timeouts = Timeouts {
         connect: Duration::from_secs(2),
@@ -37,7 +41,10 @@ const KINDS: [(&str, WireKind); 4] = [
     ("ollama", WireKind::Ollama),
 ];
 
-async fn server_with_simulator(aliases: Vec<(String, Alias)>) -> (TestServer, String) {
+async fn server_with_simulator(
+    aliases: Vec<(String, Alias)>,
+    client: HttpClient,
+) -> (TestServer, String) {
     let sim = simulator().await;
     let mut providers: Vec<ProviderSpec> = KINDS
         .iter()
@@ -46,7 +53,7 @@ async fn server_with_simulator(aliases: Vec<(String, Alias)>) -> (TestServer, St
                 WireKind::OpenAiResponses | WireKind::OpenAiChat => format!("{sim}/v1"),
                 _ => sim.clone(),
             };
-            spec(name, *kind, &base)
+            spec(name, *kind, &base, client)
         })
         .collect();
     // Nothing listens on port 1: every connection is refused.
@@ -54,8 +61,14 @@ async fn server_with_simulator(aliases: Vec<(String, Alias)>) -> (TestServer, St
         "offline",
         WireKind::OpenAiChat,
         "http://127.0.0.1:1/v1",
+        client,
     ));
-    let mut slow = spec("impatient", WireKind::OpenAiChat, &format!("{sim}/v1"));
+    let mut slow = spec(
+        "impatient",
+        WireKind::OpenAiChat,
+        &format!("{sim}/v1"),
+        client,
+    );
     slow.timeouts.first_token = Duration::from_millis(300);
     slow.retry.max_retries = 0;
     providers.push(slow);
@@ -109,7 +122,18 @@ async fn sim_stats(sim: &str) -> serde_json::Value {
 
 #[tokio::test]
 async fn each_wire_protocol_streams_reasoning_text_tool_calls_and_usage_and_persists_them() {
-    let (server, _sim) = server_with_simulator(Vec::new()).await;
+    for client in CLIENTS {
+        each_wire_protocol_streams_reasoning_text_tool_calls_and_usage_and_persists_them_with(
+            client,
+        )
+        .await;
+    }
+}
+
+async fn each_wire_protocol_streams_reasoning_text_tool_calls_and_usage_and_persists_them_with(
+    client: HttpClient,
+) {
+    let (server, _sim) = server_with_simulator(Vec::new(), client).await;
     for (provider, kind) in KINDS {
         // Ollama streams neither reasoning summaries nor call fragments, but thinking and whole calls.
         let model = format!("{provider}/sim?tokens=12&reasoning=4&tools=2&gap_us=200");
@@ -117,9 +141,7 @@ async fn each_wire_protocol_streams_reasoning_text_tool_calls_and_usage_and_pers
         let k = kinds(&events);
         assert_eq!(k.first(), Some(&EventKind::RunStarted), "{kind:?}");
         assert_eq!(k.last(), Some(&EventKind::RunCompleted), "{kind:?}: {k:?}");
-        for (i, e) in events.iter().enumerate() {
-            assert_eq!(e.event.seq, i as u64 + 1);
-        }
+        crate::assert_seqs_follow_the_log(&events);
         let text = text_of(&events);
         assert_eq!(
             text,
@@ -218,7 +240,13 @@ async fn failed_with(server: &TestServer, model: &str) -> (ErrorCode, String, Ve
 
 #[tokio::test]
 async fn each_fault_ends_the_run_as_a_user_expects_for_each_protocol() {
-    let (server, sim) = server_with_simulator(Vec::new()).await;
+    for client in CLIENTS {
+        each_fault_ends_the_run_as_a_user_expects_for_each_protocol_with(client).await;
+    }
+}
+
+async fn each_fault_ends_the_run_as_a_user_expects_for_each_protocol_with(client: HttpClient) {
+    let (server, sim) = server_with_simulator(Vec::new(), client).await;
     for (provider, kind) in KINDS {
         // A drop mid-stream: error + run_failed, the partial message kept.
         let (code, msg, events) = failed_with(
@@ -307,7 +335,7 @@ async fn each_fault_ends_the_run_as_a_user_expects_for_each_protocol() {
 
 #[tokio::test]
 async fn retry_after_is_honoured_before_the_first_token() {
-    let (server, _) = server_with_simulator(Vec::new()).await;
+    let (server, _) = server_with_simulator(Vec::new(), HttpClient::Auto).await;
     let started = Instant::now();
     let events = run(
         &server,
@@ -332,7 +360,7 @@ async fn a_fallback_model_takes_over_when_the_first_fails_before_any_token() {
             fallbacks: vec!["anthropic/sim?tokens=4".into()],
         },
     )];
-    let (server, _) = server_with_simulator(aliases).await;
+    let (server, _) = server_with_simulator(aliases, HttpClient::Auto).await;
     let events = run(&server, "resilient").await;
     assert_eq!(kinds(&events).last(), Some(&EventKind::RunCompleted));
     assert_eq!(text_of(&events), "tok0 tok1 tok2 tok3 ");
@@ -356,7 +384,13 @@ async fn a_fallback_model_takes_over_when_the_first_fails_before_any_token() {
 
 #[tokio::test]
 async fn cancelling_a_run_closes_the_upstream_connection() {
-    let (server, sim) = server_with_simulator(Vec::new()).await;
+    for client in CLIENTS {
+        cancelling_a_run_closes_the_upstream_connection_with(client).await;
+    }
+}
+
+async fn cancelling_a_run_closes_the_upstream_connection_with(client: HttpClient) {
+    let (server, sim) = server_with_simulator(Vec::new(), client).await;
     for (provider, kind) in KINDS {
         let before = sim_stats(&sim).await["client_closed"].as_u64().unwrap_or(0);
         let mut r = req("long");
