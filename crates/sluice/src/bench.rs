@@ -637,8 +637,17 @@ async fn providers(runs: usize, args: &BenchArgs) -> anyhow::Result<()> {
     pin(sim.pid, args.others_cpus.as_deref())?;
     let sim_url = format!("http://{}", sim.addr);
     let v1 = format!("{sim_url}/v1");
+    // The same request both ways: one user message and no tools (the default agent would offer
+    // the built-in artifact tools, which the direct request does not carry).
+    let config_dir = tempfile::tempdir()?;
+    let config = config_dir.path().join("sluice.toml");
+    std::fs::write(
+        &config,
+        "default_agent = \"bench\"\n[agents.bench]\ntools = []\n",
+    )?;
+    let config = config.to_string_lossy().to_string();
     let server = spawn_child(
-        &["serve"],
+        &["serve", "--config", &config],
         &[
             ("OPENAI_BASE_URL", v1.as_str()),
             ("OPENAI_API_KEY", "sk-bench"),
