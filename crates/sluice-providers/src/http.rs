@@ -243,25 +243,25 @@ impl HttpModel {
                 format!("invalid base URL `{}`: {e}", spec.base_url),
             )
         })?;
-        if spec.http_client == HttpClient::Auto && h1::eligible(&url) {
+        let client = if spec.http_client == HttpClient::Auto && h1::eligible(&url) {
             let pool = h1::Pool::new(&url, POOL_MAX_IDLE, POOL_IDLE_TIMEOUT)
                 .map_err(|e| ProviderError::new(ErrorCode::InvalidRequest, e.message))?;
-            return Ok(HttpModel {
-                spec: Arc::new(spec),
-                client: Client::Direct(Arc::new(pool)),
-                tools_text: Mutex::new(None),
-            });
-        }
-        let client = reqwest::Client::builder()
-            .connect_timeout(spec.timeouts.connect)
-            .tcp_nodelay(true)
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_max_idle_per_host(POOL_MAX_IDLE)
-            .build()
-            .map_err(|e| ProviderError::new(ErrorCode::Internal, format!("HTTP client: {e}")))?;
+            Client::Direct(Arc::new(pool))
+        } else {
+            let client = reqwest::Client::builder()
+                .connect_timeout(spec.timeouts.connect)
+                .tcp_nodelay(true)
+                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                .pool_max_idle_per_host(POOL_MAX_IDLE)
+                .build()
+                .map_err(|e| {
+                    ProviderError::new(ErrorCode::Internal, format!("HTTP client: {e}"))
+                })?;
+            Client::Reqwest(client)
+        };
         Ok(HttpModel {
             spec: Arc::new(spec),
-            client: Client::Reqwest(client),
+            client,
             tools_text: Mutex::new(None),
         })
     }
