@@ -2,17 +2,20 @@
 //!
 //! Every operation, read or write, is a message on one ordered queue. The writer thread takes
 //! everything that has piled up, applies it inside one transaction (reads answer from inside it, so
-//! they see every write queued before them), and commits. With `synchronous=NORMAL` in WAL mode a
+//! they see every write queued before them), and commits. A write does not wake the writer: the
+//! first write of a burst arms a timer that wakes it `COMMIT_DELAY` later, so a streaming run
+//! costs one commit per few milliseconds, and neither the wake-up (a futex call and a thread
+//! switch) nor the commit lands on the latency-critical first exchange with the provider. Reads and
+//! flushes wake it at once. With `synchronous=NORMAL` in WAL mode a
 //! commit survives the process being killed (it is in the OS's page cache); only a power loss can
 //! take back the last commits.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use sluice_protocol::api::{
@@ -28,7 +31,7 @@ use crate::{NewRun, NewThread, RecoveredRun, Reply, RunEnd, Store, StoreError, S
 const MAX_BATCH: usize = 4096;
 
 /// How long the writer lets a burst of writes gather before committing it.
-const COMMIT_DELAY: std::time::Duration = std::time::Duration::from_millis(2);
+const COMMIT_DELAY: Duration = Duration::from_millis(2);
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS threads (
@@ -139,9 +142,68 @@ enum Op {
 /// after applying everything queued.
 #[derive(Clone)]
 pub struct SqliteStore {
-    tx: mpsc::Sender<Op>,
+    shared: Arc<Shared>,
+    /// Closes the queue when the last clone goes.
+    _open: Arc<OpenHandle>,
+}
+
+/// What the writer thread and the store's handles share.
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
     /// Operations sent and not yet applied.
-    depth: Arc<AtomicUsize>,
+    depth: AtomicUsize,
+}
+
+#[derive(Default)]
+struct Queue {
+    ops: Vec<Op>,
+    /// The writer should take what is queued now (a read or flush is waiting, or a burst's timer
+    /// fired).
+    ready: bool,
+    /// A timer is armed for the writes queued since the last batch.
+    armed: bool,
+    /// Set instead of a runtime timer when the write came from outside a tokio runtime: the
+    /// writer waits until then.
+    deadline: Option<Instant>,
+    closed: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // No code panics while holding the lock; the queue is whole even if one did.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Lets the writer take what is queued.
+    fn mark_ready(&self) {
+        let mut q = self.lock();
+        if q.ops.is_empty() {
+            return;
+        }
+        q.ready = true;
+        drop(q);
+        self.wake.notify_one();
+    }
+}
+
+/// Marks the queue ready when dropped: when its timer fires, and also when the runtime drops the
+/// timer's task unfired (shutting down), so that no write waits for a wake that never comes.
+struct ReadyOnDrop(Arc<Shared>);
+
+impl Drop for ReadyOnDrop {
+    fn drop(&mut self) {
+        self.0.mark_ready();
+    }
+}
+
+struct OpenHandle(Arc<Shared>);
+
+impl Drop for OpenHandle {
+    fn drop(&mut self) {
+        self.0.lock().closed = true;
+        self.0.wake.notify_one();
+    }
 }
 
 impl SqliteStore {
@@ -160,39 +222,70 @@ impl SqliteStore {
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
         let recovered = recover(&mut conn)?;
-        let (tx, rx) = mpsc::channel();
-        let depth = Arc::new(AtomicUsize::new(0));
-        let writer_depth = depth.clone();
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            depth: AtomicUsize::new(0),
+        });
+        let writer = shared.clone();
         thread::Builder::new()
             .name("sluice-store".into())
-            .spawn(move || writer_loop(conn, rx, writer_depth))
+            .spawn(move || writer_loop(conn, writer))
             .map_err(|source| StoreError::DataDir {
                 path: "writer thread".into(),
                 source,
             })?;
-        Ok((SqliteStore { tx, depth }, recovered))
+        Ok((
+            SqliteStore {
+                _open: Arc::new(OpenHandle(shared.clone())),
+                shared,
+            },
+            recovered,
+        ))
     }
 
+    /// Queues a write; the first of a burst arms the timer that hands the burst to the writer.
     fn submit(&self, op: Op) {
-        self.depth.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(op).is_err() {
-            tracing::error!("store writer has stopped; a write was dropped");
+        self.shared.depth.fetch_add(1, Ordering::Relaxed);
+        let arm = {
+            let mut q = self.shared.lock();
+            q.ops.push(op);
+            !std::mem::replace(&mut q.armed, true)
+        };
+        if !arm {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                // The runtime's timer costs no thread wake-up now; the writer is woken from the
+                // timer, off this task's path.
+                let ready = ReadyOnDrop(self.shared.clone());
+                runtime.spawn(async move {
+                    tokio::time::sleep(COMMIT_DELAY).await;
+                    drop(ready);
+                });
+            }
+            Err(_) => {
+                self.shared.lock().deadline = Some(Instant::now() + COMMIT_DELAY);
+                self.shared.wake.notify_one();
+            }
         }
     }
 
+    /// Queues a read (or a write with a reply) and wakes the writer at once.
     fn ask<T: Send + 'static>(
         &self,
         make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
     ) -> Reply<T> {
         let (tx, rx) = oneshot::channel();
-        self.depth.fetch_add(1, Ordering::Relaxed);
-        let sent = self.tx.send(make(tx)).is_ok();
-        Box::pin(async move {
-            if !sent {
-                return Err(StoreError::Closed);
-            }
-            rx.await.map_err(|_| StoreError::Closed)?
-        })
+        self.shared.depth.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut q = self.shared.lock();
+            q.ops.push(make(tx));
+            q.ready = true;
+        }
+        self.shared.wake.notify_one();
+        Box::pin(async move { rx.await.map_err(|_| StoreError::Closed)? })
     }
 }
 
@@ -255,7 +348,7 @@ impl Store for SqliteStore {
         self.ask(|tx| Op::GetArtifact(owner, id, version, tx))
     }
     fn queue_depth(&self) -> usize {
-        self.depth.load(Ordering::Relaxed)
+        self.shared.depth.load(Ordering::Relaxed)
     }
 }
 
@@ -339,40 +432,51 @@ fn recover(conn: &mut Connection) -> Result<Vec<RecoveredRun>, StoreError> {
     Ok(recovered)
 }
 
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Op>, depth: Arc<AtomicUsize>) {
+fn writer_loop(mut conn: Connection, shared: Arc<Shared>) {
     let mut batch = Vec::with_capacity(256);
-    while let Ok(first) = rx.recv() {
-        // Group commit: a write waits a moment for the rest of its burst, so a streaming run costs
-        // one commit per few milliseconds instead of one per token, and the commit's CPU burst does
-        // not land in the middle of the latency-critical first exchange with the provider.
-        // Reads and flushes are answered at once.
-        let is_write = !matches!(
-            first,
-            Op::GetThread(..)
-                | Op::ThreadExists(..)
-                | Op::ListThreads(..)
-                | Op::GetRun(..)
-                | Op::ReadEvents(..)
-                | Op::Flush(..)
-        );
-        batch.push(first);
-        if is_write {
-            std::thread::sleep(COMMIT_DELAY);
-        }
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
+    loop {
+        {
+            let mut q = shared.lock();
+            loop {
+                if q.ops.is_empty() {
+                    if q.closed {
+                        tracing::debug!("store writer stopped");
+                        return;
+                    }
+                } else if q.ready || q.closed {
+                    break;
+                } else if let Some(at) = q.deadline {
+                    let now = Instant::now();
+                    if now >= at {
+                        break;
+                    }
+                    q = shared
+                        .wake
+                        .wait_timeout(q, at - now)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                    continue;
+                }
+                q = shared.wake.wait(q).unwrap_or_else(PoisonError::into_inner);
+            }
+            if q.ops.len() <= MAX_BATCH {
+                // The emptied batch goes back as the queue's buffer.
+                std::mem::swap(&mut batch, &mut q.ops);
+                q.ready = false;
+                q.armed = false;
+                q.deadline = None;
+            } else {
+                // The rest stays ready and is taken right after this batch.
+                batch.extend(q.ops.drain(..MAX_BATCH));
             }
         }
         let n = batch.len();
         if let Err(err) = apply_batch(&mut conn, &mut batch) {
             tracing::error!(error = %err, code = err.code(), "store batch failed");
         }
-        depth.fetch_sub(n, Ordering::Relaxed);
+        shared.depth.fetch_sub(n, Ordering::Relaxed);
         batch.clear();
     }
-    tracing::debug!("store writer stopped");
 }
 
 /// Deltas accumulated per assistant message within one batch, applied with one UPDATE each.
@@ -871,6 +975,89 @@ mod tests {
             message_id: format!("{id}-m").into(),
             created_at: 1,
         }
+    }
+
+    fn thread(id: &str) -> NewThread {
+        NewThread {
+            id: id.into(),
+            owner: "o".into(),
+            title: None,
+            created_at: 1,
+        }
+    }
+
+    /// Waits (up to 10 s) until another connection to the file sees `id` committed.
+    fn committed_soon(dir: &Path, id: &str) -> bool {
+        let other = Connection::open(dir.join("sluice.db")).expect("second connection");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let n: i64 = other
+                .query_row("SELECT count(*) FROM threads WHERE id = ?1", [id], |r| {
+                    r.get(0)
+                })
+                .expect("count");
+            if n == 1 {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn a_write_alone_is_committed_by_its_timer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = SqliteStore::open(dir.path()).expect("open");
+        store.queue_thread(thread("t1"));
+        // Nothing reads or flushes: only the runtime timer can hand the write to the writer.
+        let path = dir.path().to_path_buf();
+        let seen = tokio::task::spawn_blocking(move || committed_soon(&path, "t1"))
+            .await
+            .expect("join");
+        assert!(seen, "a queued write was never committed");
+        assert_eq!(store.queue_depth(), 0);
+    }
+
+    #[test]
+    fn a_write_from_outside_a_runtime_is_committed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = SqliteStore::open(dir.path()).expect("open");
+        store.queue_thread(thread("t1"));
+        assert!(committed_soon(dir.path(), "t1"));
+    }
+
+    #[test]
+    fn a_write_whose_timer_dies_with_its_runtime_is_still_committed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = SqliteStore::open(dir.path()).expect("open");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        // The timer task is spawned on a runtime that is dropped before it ever runs.
+        runtime.block_on(async { store.queue_thread(thread("t1")) });
+        drop(runtime);
+        assert!(committed_soon(dir.path(), "t1"));
+        // And the next burst arms a timer of its own.
+        store.queue_thread(thread("t2"));
+        assert!(committed_soon(dir.path(), "t2"));
+    }
+
+    #[tokio::test]
+    async fn dropping_the_store_applies_what_is_queued() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = SqliteStore::open(dir.path()).expect("open");
+        let clone = store.clone();
+        for i in 0..100 {
+            clone.queue_thread(thread(&format!("t{i}")));
+        }
+        drop(clone);
+        drop(store);
+        let path = dir.path().to_path_buf();
+        let seen = tokio::task::spawn_blocking(move || committed_soon(&path, "t99"))
+            .await
+            .expect("join");
+        assert!(seen);
     }
 
     #[tokio::test]
