@@ -7,6 +7,7 @@
 //! which closes the upstream connection — that is how a cancel reaches the provider.
 
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -322,6 +323,7 @@ impl Model for HttpModel {
             attempt: 0,
             emitted: false,
             body_stream: None,
+            timer: None,
             decoder: None,
             pending: VecDeque::new(),
             deferred: None,
@@ -344,6 +346,8 @@ struct Call {
     emitted: bool,
     body_stream: Option<Body>,
     decoder: Option<ByteDecoder>,
+    /// The first-token / idle deadline's timer, made on the first read.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
     pending: VecDeque<ModelEvent>,
     /// A failure that arrived with events: handed out after them.
     deferred: Option<ProviderError>,
@@ -589,19 +593,43 @@ impl Call {
                 "sent no first token within the first-token timeout",
             )
         };
+        // One timer for the whole call, moved only when it fires early or must fire sooner: a
+        // fresh timeout per chunk would cost a timer-wheel insert and removal (and often a
+        // wake-up of the runtime's driver) for every chunk.
+        let deadline = Instant::now()
+            .checked_add(limit)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(100 * 365 * 86_400));
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() > deadline {
+            timer.as_mut().reset(deadline);
+        }
+        let next = loop {
+            tokio::select! {
+                biased;
+                item = body.next() => break Some(item),
+                () = timer.as_mut() => {
+                    if Instant::now() >= deadline {
+                        break None;
+                    }
+                    timer.as_mut().reset(deadline);
+                }
+            }
+        };
         let mut out = Vec::new();
-        let result = match tokio::time::timeout(limit, body.next()).await {
-            Err(_) => Err(Failure {
+        let result = match next {
+            None => Err(Failure {
                 error: ProviderError::new(ErrorCode::UpstreamTimeout, format!("{name} {what}")),
                 retryable: !self.emitted,
                 retry_after: None,
             }),
-            Ok(Some(Ok(bytes))) => decoder.feed(&bytes, &mut out).map_err(|error| Failure {
+            Some(Some(Ok(bytes))) => decoder.feed(&bytes, &mut out).map_err(|error| Failure {
                 error,
                 retryable: false,
                 retry_after: None,
             }),
-            Ok(Some(Err(e))) => Err(Failure {
+            Some(Some(Err(e))) => Err(Failure {
                 error: ProviderError::new(
                     ErrorCode::UpstreamError,
                     format!("the connection to {name} broke: {e}"),
@@ -609,7 +637,7 @@ impl Call {
                 retryable: true,
                 retry_after: None,
             }),
-            Ok(None) => {
+            Some(None) => {
                 let res = decoder.finish(&mut out);
                 self.finished = true;
                 res.map_err(|error| Failure {

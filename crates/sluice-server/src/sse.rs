@@ -3,6 +3,7 @@
 //! The body is a stream over the subscription's cursor; hyper writes each frame when the stream
 //! yields it. Nothing here buffers events: a slow client simply leaves its cursor behind.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use bytes::Bytes;
 use futures_util::stream;
 use sluice_engine::event_log::Subscription;
 use sluice_engine::{Metrics, RunHandle};
+use tokio::time::{Instant, Sleep};
 
 use crate::AppState;
 
@@ -58,6 +60,10 @@ impl Drop for StreamGauge {
 struct SseState {
     sub: Subscription,
     heartbeat: Duration,
+    /// Fires for a heartbeat. It is moved only when it fires, so that a busy stream costs no timer
+    /// work per frame: then it is set again to `heartbeat` after the last frame sent.
+    quiet: Pin<Box<Sleep>>,
+    last_sent: Instant,
     gauge: StreamGauge,
     _guard: Option<DisconnectGuard>,
 }
@@ -65,20 +71,36 @@ struct SseState {
 const HEARTBEAT: Bytes = Bytes::from_static(b": keep-alive\n\n");
 
 pub fn sse_response(sub: Subscription, st: &AppState, guard: Option<DisconnectGuard>) -> Response {
+    let now = Instant::now();
     let state = SseState {
         sub,
         heartbeat: st.http.heartbeat,
+        quiet: Box::pin(tokio::time::sleep_until(now + st.http.heartbeat)),
+        last_sent: now,
         gauge: StreamGauge::new(st.engine.metrics().clone()),
         _guard: guard,
     };
     let body = stream::unfold(state, |mut st| async move {
-        let item = tokio::select! {
-            frame = st.sub.next() => {
-                let frame = frame?;
-                st.gauge.0.chunk_sent(frame.kind());
-                frame.sse().clone()
+        let item = loop {
+            tokio::select! {
+                biased;
+                frame = st.sub.next() => {
+                    let frame = frame?;
+                    st.gauge.0.chunk_sent(frame.kind());
+                    st.last_sent = Instant::now();
+                    break frame.sse().clone();
+                }
+                () = st.quiet.as_mut() => {
+                    let due = st.last_sent + st.heartbeat;
+                    let now = Instant::now();
+                    if now >= due {
+                        st.last_sent = now;
+                        st.quiet.as_mut().reset(now + st.heartbeat);
+                        break HEARTBEAT;
+                    }
+                    st.quiet.as_mut().reset(due);
+                }
             }
-            _ = tokio::time::sleep(st.heartbeat) => HEARTBEAT,
         };
         Some((Ok::<Bytes, std::convert::Infallible>(item), st))
     });

@@ -11,6 +11,7 @@
 //! It reports time to first event p50/p99, events/s, server CPU, and resident memory per open
 //! stream (RSS with all streams open minus RSS before, divided by the count).
 
+use std::collections::HashMap;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,6 +55,11 @@ pub struct BenchArgs {
     /// Pin this load generator and the simulator to these CPUs (e.g. `0`).
     #[arg(long)]
     pub others_cpus: Option<String>,
+    /// Pin the simulator to these CPUs instead of `--others-cpus` (e.g. `--others-cpus 0
+    /// --sim-cpus 1 --server-cpus 1`: the load generator alone on one core, as a remote client
+    /// would be, the upstream and the proxy under test on the other).
+    #[arg(long)]
+    pub sim_cpus: Option<String>,
 }
 
 /// Pins every thread of process `pid` to `cpus` (a `taskset` CPU list).
@@ -516,6 +522,10 @@ async fn token_times(
 
 /// `token_times`, and with `run_end` it reads on to Sluice's terminal event and also answers the
 /// run's own `time_to_first_token_ms` (from accepting the run to the upstream's first token).
+///
+/// The client is a blocking socket on a thread of its own: each arrival costs it one wake-up and
+/// one `read`, the least a client can perturb the processes it measures (an async client would
+/// add a hand-off between the runtime's threads for every read).
 async fn token_times_and_tail(
     addr: &str,
     path: &str,
@@ -523,29 +533,52 @@ async fn token_times_and_tail(
     tokens: u32,
     run_end: bool,
 ) -> anyhow::Result<(Vec<Duration>, Option<Duration>)> {
-    let mut sock = TcpStream::connect(addr).await?;
-    sock.set_nodelay(true)?;
     let req = format!(
         "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
+    let (addr, path) = (addr.to_string(), path.to_string());
+    tokio::task::spawn_blocking(move || blocking_token_times(&addr, &path, &req, tokens, run_end))
+        .await
+        .context("the measuring thread failed")?
+}
+
+/// `token_times_and_tail` on the measuring thread; `req` is the whole HTTP request.
+fn blocking_token_times(
+    addr: &str,
+    path: &str,
+    req: &str,
+    tokens: u32,
+    run_end: bool,
+) -> anyhow::Result<(Vec<Duration>, Option<Duration>)> {
+    use std::io::{Read, Write};
+    let mut sock = std::net::TcpStream::connect(addr)?;
+    sock.set_nodelay(true)?;
+    sock.set_read_timeout(Some(Duration::from_secs(10)))?;
     let started = Instant::now();
-    sock.write_all(req.as_bytes()).await?;
+    sock.write_all(req.as_bytes())?;
     let mut buf = vec![0u8; 16 * 1024];
     let mut scanner = TokenScanner::default();
     let mut times = Vec::with_capacity(tokens as usize);
     // The last bytes received, to say what the stream looked like if it stops short.
     let mut tail: Vec<u8> = Vec::new();
     while times.len() < tokens as usize {
-        let read = tokio::time::timeout(Duration::from_secs(10), sock.read(&mut buf)).await;
-        let Ok(n) = read else {
-            bail!(
-                "{path}: nothing for 10 s after {} of {tokens} tokens; the stream ended with:\n{}",
-                times.len(),
-                String::from_utf8_lossy(&tail)
-            );
+        let n = match sock.read(&mut buf) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                bail!(
+                    "{path}: nothing for 10 s after {} of {tokens} tokens; the stream ended with:\n{}",
+                    times.len(),
+                    String::from_utf8_lossy(&tail)
+                )
+            }
+            Err(e) => return Err(e.into()),
         };
-        let n = n?;
         if n == 0 {
             bail!("{path}: closed after {} of {tokens} tokens", times.len());
         }
@@ -568,9 +601,7 @@ async fn token_times_and_tail(
         {
             break i + MARK.len();
         }
-        let n = tokio::time::timeout(Duration::from_secs(10), sock.read(&mut buf))
-            .await
-            .context("waiting for run_completed")??;
+        let n = sock.read(&mut buf).context("waiting for run_completed")?;
         if n == 0 {
             bail!("{path}: closed before run_completed");
         }
@@ -628,13 +659,82 @@ fn signed_us(a: Duration, b: Duration) -> String {
     format!("{:+.1} µs", (a.as_secs_f64() - b.as_secs_f64()) * 1e6)
 }
 
-/// Each adapter against the simulator: the simulator called directly, and through Sluice, in
-/// alternation so both paths see the same conditions. Persistence is on.
+/// The provider paths the relay passes on.
+const PROVIDER_PATHS: [&str; 4] = [
+    "/v1/responses",
+    "/v1/chat/completions",
+    "/v1/messages",
+    "/api/chat",
+];
+
+/// `sluice bench-relay`: an HTTP server that passes each request on to `upstream` and streams the
+/// answer back, with the same server stack (axum on hyper, TCP_NODELAY) and the same upstream
+/// client (keep-alive `h1::Pool`) as Sluice, and none of Sluice's work. What it adds is what one
+/// more process on the path costs on this machine: the floor under what Sluice adds.
+pub async fn relay(listen: std::net::SocketAddr, upstream: &str) -> anyhow::Result<()> {
+    use axum::serve::ListenerExt;
+    let base = reqwest::Url::parse(upstream).context("--to must be a URL")?;
+    let mut pools = HashMap::new();
+    for path in PROVIDER_PATHS {
+        let url = base.join(path)?;
+        let pool = sluice_providers::h1::Pool::new(&url, 16, Duration::from_secs(60))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        pools.insert(path, Arc::new(pool));
+    }
+    let pools = Arc::new(pools);
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri, body: bytes::Bytes| {
+        let pools = pools.clone();
+        async move {
+            use axum::response::IntoResponse;
+            let Some(pool) = pools.get(uri.path()) else {
+                return (axum::http::StatusCode::NOT_FOUND, "not a provider path").into_response();
+            };
+            let headers = [("Content-Type", "application/json")];
+            match pool.post(&headers, &body, Duration::from_secs(5)).await {
+                Ok(resp) => {
+                    let status = axum::http::StatusCode::from_u16(resp.status())
+                        .unwrap_or(axum::http::StatusCode::BAD_GATEWAY);
+                    let kind = resp
+                        .header("content-type")
+                        .unwrap_or("application/octet-stream")
+                        .to_string();
+                    let chunks = futures_util::stream::unfold(resp, |mut resp| async move {
+                        resp.chunk()
+                            .await
+                            .map(|c| (c.map_err(|e| std::io::Error::other(e.to_string())), resp))
+                    });
+                    (
+                        status,
+                        [(axum::http::header::CONTENT_TYPE, kind)],
+                        axum::body::Body::from_stream(chunks),
+                    )
+                        .into_response()
+                }
+                Err(e) => (axum::http::StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "sluice relay listening on http://{addr}");
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+/// Each adapter against the simulator: the simulator called directly, through a relay that does
+/// nothing (one more process on the path, the floor under what any proxy adds here), and through
+/// Sluice, in alternation so all three paths see the same conditions. Persistence is on.
 async fn providers(runs: usize, args: &BenchArgs) -> anyhow::Result<()> {
     let (tokens, concurrent_streams) = (args.provider_tokens, args.streams);
     pin(std::process::id(), args.others_cpus.as_deref())?;
     let sim = spawn_child(&["simulate"], &[], "sluice simulator listening on http://").await?;
-    pin(sim.pid, args.others_cpus.as_deref())?;
+    pin(
+        sim.pid,
+        args.sim_cpus.as_deref().or(args.others_cpus.as_deref()),
+    )?;
     let sim_url = format!("http://{}", sim.addr);
     let v1 = format!("{sim_url}/v1");
     // The same request both ways: one user message and no tools (the default agent would offer
@@ -659,6 +759,13 @@ async fn providers(runs: usize, args: &BenchArgs) -> anyhow::Result<()> {
     )
     .await?;
     pin(server.pid, args.server_cpus.as_deref())?;
+    let relay = spawn_child(
+        &["bench-relay", "--to", &sim_url],
+        &[],
+        "sluice relay listening on http://",
+    )
+    .await?;
+    pin(relay.pid, args.server_cpus.as_deref())?;
     let gap = args.provider_gap_us;
     let model = format!("sim?tokens={tokens}&gap_us={gap}");
     let pace = if gap == 0 {
@@ -667,18 +774,22 @@ async fn providers(runs: usize, args: &BenchArgs) -> anyhow::Result<()> {
         format!("{gap} µs between tokens")
     };
     println!("# sluice bench --providers {runs} — {tokens} tokens per run, simulator pace: {pace}");
-    if let (Some(server), Some(others)) = (&args.server_cpus, &args.others_cpus) {
+    let cpus = |c: Option<&String>| c.map_or("any".to_string(), |c| c.clone());
+    if args.server_cpus.is_some() || args.others_cpus.is_some() || args.sim_cpus.is_some() {
         println!(
-            "# pinned: server on CPUs {server}; load generator and simulator on CPUs {others}"
+            "# pinned to CPUs: Sluice and the relay {}, the simulator {}, the load generator {}",
+            cpus(args.server_cpus.as_ref()),
+            cpus(args.sim_cpus.as_ref().or(args.others_cpus.as_ref())),
+            cpus(args.others_cpus.as_ref()),
         );
     }
     println!("| adapter | path | first token p50 | p99 | per token p50 | p99 |");
     println!("|---|---|---|---|---|---|");
     let adapters = [
-        ("openai", "/v1/responses"),
-        ("openai-chat", "/v1/chat/completions"),
-        ("anthropic", "/v1/messages"),
-        ("ollama", "/api/chat"),
+        ("openai", PROVIDER_PATHS[0]),
+        ("openai-chat", PROVIDER_PATHS[1]),
+        ("anthropic", PROVIDER_PATHS[2]),
+        ("ollama", PROVIDER_PATHS[3]),
     ];
     let mut summary = Vec::new();
     let mut split = Vec::new();
@@ -692,18 +803,28 @@ async fn providers(runs: usize, args: &BenchArgs) -> anyhow::Result<()> {
         let sluice_body =
             serde_json::json!({"content": "bench", "model": format!("{provider}/{model}")})
                 .to_string();
-        let (mut direct, mut through) = (PathStats::default(), PathStats::default());
-        // Warm both paths (connection pools, caches) before measuring.
+        let (mut direct, mut relayed, mut through) = Default::default();
+        // Warm every path (connection pools, caches) before measuring.
         token_times(&sim.addr, path, &direct_body, tokens).await?;
+        token_times(&relay.addr, path, &direct_body, tokens).await?;
         token_times(&server.addr, "/v1/runs/stream", &sluice_body, tokens).await?;
         for _ in 0..runs {
-            direct.add(&token_times(&sim.addr, path, &direct_body, tokens).await?);
+            PathStats::add(
+                &mut direct,
+                &token_times(&sim.addr, path, &direct_body, tokens).await?,
+            );
+            PathStats::add(
+                &mut relayed,
+                &token_times(&relay.addr, path, &direct_body, tokens).await?,
+            );
             let (times, inside) =
                 token_times_and_tail(&server.addr, "/v1/runs/stream", &sluice_body, tokens, true)
                     .await?;
-            through.add(&times);
-            through.add_inside(times.first().copied(), inside);
+            PathStats::add(&mut through, &times);
+            PathStats::add_inside(&mut through, times.first().copied(), inside);
         }
+        let (direct, relayed, mut through): (PathStats, PathStats, PathStats) =
+            (direct, relayed, through);
         let (mut inside, mut outside) = (
             std::mem::take(&mut through.inside),
             std::mem::take(&mut through.outside),
@@ -718,9 +839,11 @@ async fn providers(runs: usize, args: &BenchArgs) -> anyhow::Result<()> {
             us(percentile(&outside, 0.99)),
         ));
         let (d_ttft, d_tok) = direct.sorted();
+        let (r_ttft, r_tok) = relayed.sorted();
         let (s_ttft, s_tok) = through.sorted();
         for (name, ttft, tok) in [
             ("direct", &d_ttft, &d_tok),
+            ("through a no-op relay", &r_ttft, &r_tok),
             ("through Sluice", &s_ttft, &s_tok),
         ] {
             println!(
@@ -732,15 +855,21 @@ async fn providers(runs: usize, args: &BenchArgs) -> anyhow::Result<()> {
             );
         }
         summary.push(format!(
-            "| {provider} | {} | {} | {} |",
+            "| {provider} | {} | {} | {} | {} | {} | {} | {} |",
             signed_us(percentile(&s_ttft, 0.5), percentile(&d_ttft, 0.5)),
             signed_us(percentile(&s_ttft, 0.99), percentile(&d_ttft, 0.99)),
             signed_us(percentile(&s_tok, 0.5), percentile(&d_tok, 0.5)),
+            signed_us(percentile(&r_ttft, 0.5), percentile(&d_ttft, 0.5)),
+            signed_us(percentile(&r_ttft, 0.99), percentile(&d_ttft, 0.99)),
+            signed_us(percentile(&s_ttft, 0.5), percentile(&r_ttft, 0.5)),
+            signed_us(percentile(&s_ttft, 0.99), percentile(&r_ttft, 0.99)),
         ));
     }
     println!();
-    println!("| adapter | added to first token p50 | added p99 | added per token p50 |");
-    println!("|---|---|---|---|");
+    println!(
+        "| adapter | Sluice adds to first token p50 | p99 | per token p50 | a no-op relay adds p50 | p99 | Sluice over the relay p50 | p99 |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for line in summary {
         println!("{line}");
     }
@@ -766,6 +895,7 @@ async fn providers(runs: usize, args: &BenchArgs) -> anyhow::Result<()> {
         }
     }
     drop(server);
+    drop(relay);
     drop(sim);
     Ok(())
 }

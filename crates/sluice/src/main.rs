@@ -29,6 +29,16 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:7421")]
         listen: std::net::SocketAddr,
     },
+    /// For `sluice bench --providers`: an HTTP relay that only passes requests on to `--to`, the
+    /// floor under what Sluice adds.
+    #[command(hide = true)]
+    BenchRelay {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// The upstream's base URL (the simulator's).
+        #[arg(long)]
+        to: String,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -56,6 +66,7 @@ fn main() -> std::process::ExitCode {
             Command::Chat(args) => sluice::chat::run(args).await,
             Command::Bench(args) => sluice::bench::run(args).await,
             Command::Simulate { listen } => simulate(listen).await,
+            Command::BenchRelay { listen, to } => sluice::bench::relay(listen, &to).await,
         }
     });
     match result {
