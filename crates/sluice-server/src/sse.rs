@@ -70,12 +70,18 @@ struct SseState {
 
 const HEARTBEAT: Bytes = Bytes::from_static(b": keep-alive\n\n");
 
+/// `at + d`, or a century from `at` where that would overflow (`heartbeat_ms` may be huge).
+fn after(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d)
+        .unwrap_or_else(|| at + Duration::from_secs(100 * 365 * 86_400))
+}
+
 pub fn sse_response(sub: Subscription, st: &AppState, guard: Option<DisconnectGuard>) -> Response {
     let now = Instant::now();
     let state = SseState {
         sub,
         heartbeat: st.http.heartbeat,
-        quiet: Box::pin(tokio::time::sleep_until(now + st.http.heartbeat)),
+        quiet: Box::pin(tokio::time::sleep_until(after(now, st.http.heartbeat))),
         last_sent: now,
         gauge: StreamGauge::new(st.engine.metrics().clone()),
         _guard: guard,
@@ -91,11 +97,11 @@ pub fn sse_response(sub: Subscription, st: &AppState, guard: Option<DisconnectGu
                     break frame.sse().clone();
                 }
                 () = st.quiet.as_mut() => {
-                    let due = st.last_sent + st.heartbeat;
+                    let due = after(st.last_sent, st.heartbeat);
                     let now = Instant::now();
                     if now >= due {
                         st.last_sent = now;
-                        st.quiet.as_mut().reset(now + st.heartbeat);
+                        st.quiet.as_mut().reset(after(now, st.heartbeat));
                         break HEARTBEAT;
                     }
                     st.quiet.as_mut().reset(due);
@@ -113,4 +119,19 @@ pub fn sse_response(sub: Subscription, st: &AppState, guard: Option<DisconnectGu
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_heartbeat_does_not_overflow_the_clock() {
+        let now = Instant::now();
+        assert!(after(now, Duration::MAX) > now + Duration::from_secs(86_400));
+        assert_eq!(
+            after(now, Duration::from_millis(15)),
+            now + Duration::from_millis(15)
+        );
+    }
 }
