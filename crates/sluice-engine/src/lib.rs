@@ -88,6 +88,11 @@ pub struct EngineConfig {
     pub agents: HashMap<String, Agent>,
     /// The agent of runs that name none (none: all tools, the default model, no system prompt).
     pub default_agent: Option<String>,
+    /// Keep each thread's conversation in memory after a run completes, so that the next
+    /// message's run calls the model without reading the thread from the store first (a round
+    /// trip to the writer thread on the first token's path). Only for a store no other process
+    /// writes to.
+    pub history_cache: bool,
 }
 
 /// A named configuration of a run: which model, with what instructions, which tools, how many steps.
@@ -111,6 +116,7 @@ impl Default for EngineConfig {
             max_steps: 8,
             agents: HashMap::new(),
             default_agent: None,
+            history_cache: true,
         }
     }
 }
@@ -199,6 +205,8 @@ pub(crate) struct Inner {
     /// Threads known to exist, with their owner: spares a store round trip when a run starts on an
     /// existing thread. Bounded: cleared when it reaches `KNOWN_THREADS_MAX`.
     known_threads: Mutex<HashMap<String, String>>,
+    /// Thread id → its conversation after its last completed run (`EngineConfig::history_cache`).
+    histories: Mutex<run::KeptHistories>,
     /// Unfinished runs per owner, for `max_active_runs_per_owner`.
     active_by_owner: Mutex<HashMap<String, usize>>,
     /// The unfinished runs of each thread, oldest first: the running one, then those queued.
@@ -260,6 +268,7 @@ impl Engine {
             config,
             runs: Mutex::new(HashMap::new()),
             known_threads: Mutex::new(HashMap::new()),
+            histories: Mutex::new(run::KeptHistories::default()),
             active_by_owner: Mutex::new(HashMap::new()),
             busy: Mutex::new(HashMap::new()),
             keyed_starts: Mutex::new(HashMap::new()),
@@ -425,6 +434,7 @@ impl Engine {
         if let Ok(mut known) = self.inner.known_threads.lock() {
             known.remove(id);
         }
+        self.inner.keep_history(owner, id, None);
         // The thread's finished runs must not stay reachable from memory once it is gone.
         if let Ok(mut runs) = self.inner.runs.lock() {
             runs.retain(|_, r| !(r.thread_id == id && r.owner == owner));

@@ -102,6 +102,8 @@ pub struct Metrics {
     runs_total: Vec<AtomicU64>,
     /// Tokens as providers reported them: input, output, reasoning.
     tokens: [AtomicU64; 3],
+    /// Runs on an existing thread whose history came from memory, and from the store.
+    history_reads: [AtomicU64; 2],
 }
 
 const LATENCY_BOUNDS: &[f64] = &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0];
@@ -120,6 +122,7 @@ impl Default for Metrics {
             active_runs: AtomicI64::new(0),
             runs_total: Outcome::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
             tokens: Default::default(),
+            history_reads: Default::default(),
         }
     }
 }
@@ -160,6 +163,11 @@ impl Metrics {
         self.tokens[0].fetch_add(usage.input_tokens, Ordering::Relaxed);
         self.tokens[1].fetch_add(usage.output_tokens, Ordering::Relaxed);
         self.tokens[2].fetch_add(usage.reasoning_tokens, Ordering::Relaxed);
+    }
+
+    /// A run on an existing thread got its history from memory (`true`) or the store.
+    pub fn history_read(&self, from_memory: bool) {
+        self.history_reads[usize::from(!from_memory)].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn runs_total(&self, outcome: Outcome) -> u64 {
@@ -235,6 +243,17 @@ impl Metrics {
                 out,
                 "sluice_tokens_total{{kind=\"{kind}\"}} {}",
                 self.tokens[i].load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP sluice_history_reads_total Runs on an existing thread, by where their history came from.\n# TYPE sluice_history_reads_total counter"
+        );
+        for (i, from) in ["memory", "store"].iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "sluice_history_reads_total{{from=\"{from}\"}} {}",
+                self.history_reads[i].load(Ordering::Relaxed)
             );
         }
         out

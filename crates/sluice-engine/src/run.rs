@@ -129,6 +129,7 @@ impl RunTask {
         let mut stop_reason: Option<String> = None;
 
         let mut turns: Vec<ChatMessage> = Vec::new();
+        let mut kept = None;
         let ending = self
             .run_model(
                 &mut out,
@@ -136,6 +137,7 @@ impl RunTask {
                 &mut ttft,
                 &mut stop_reason,
                 &mut turns,
+                &mut kept,
             )
             .await;
         let ending = match ending {
@@ -146,6 +148,11 @@ impl RunTask {
             },
             other => Ok(other),
         };
+        // Before the terminal event: a run that starts once this one is finished must find the
+        // thread's conversation as it now is. A run that did not complete leaves it to the store.
+        let completed = matches!(ending, Ok(Ending::Completed | Ending::Stopped));
+        self.inner
+            .keep_history(&handle.owner, &handle.thread_id, kept.filter(|_| completed));
         let duration_ms = self.accepted.elapsed().as_secs_f64() * 1000.0;
         let (status, message_status, outcome, error) = match ending {
             Ok(Ending::Completed) | Ok(Ending::Stopped) => {
@@ -255,6 +262,7 @@ impl RunTask {
         ttft: &mut Option<f64>,
         stop_reason: &mut Option<String>,
         turns: &mut Vec<ChatMessage>,
+        kept: &mut Option<Vec<ChatMessage>>,
     ) -> Ending {
         let cancel = self.handle.cancel.clone();
         if let Some(prev) = &self.predecessor {
@@ -276,6 +284,8 @@ impl RunTask {
             Ok(m) => m,
             Err(error) => return Ending::Failed(error),
         };
+        // The conversation up to this run's message; what the model answers is added to it.
+        let history_len = messages.len();
         let tools: Arc<[sluice_providers::ToolSpec]> = match &self.agent.tools {
             Some(names) => self
                 .inner
@@ -287,6 +297,7 @@ impl RunTask {
                 .collect(),
             None => self.inner.tools.specs(),
         };
+        let system = self.agent.system_prompt.is_some();
         if let Some(prompt) = &self.agent.system_prompt {
             messages.insert(0, ChatMessage::text(Role::System, prompt.clone()));
         }
@@ -307,9 +318,13 @@ impl RunTask {
                 Err(ending) => return ending,
             };
             if turn.calls.is_empty() {
-                if !turns.is_empty() {
+                let answer = if turns.is_empty() {
+                    (!turn.text.is_empty()).then(|| ChatMessage::text(Role::Assistant, turn.text))
+                } else {
                     turns.push(ChatMessage::text(Role::Assistant, turn.text));
-                }
+                    None
+                };
+                *kept = Some(conversation(messages, system, history_len, turns, answer));
                 return Ending::Completed;
             }
             // The model called tools: their results go back to it for the next step, and the
@@ -324,6 +339,7 @@ impl RunTask {
                 *stop_reason = Some("max_steps".into());
             }
         }
+        *kept = Some(conversation(messages, system, history_len, turns, None));
         Ending::Completed
     }
 
@@ -627,6 +643,15 @@ impl RunTask {
         if self.new_thread {
             return Ok(vec![ChatMessage::text(Role::User, self.content.clone())]);
         }
+        let owner = &self.handle.owner;
+        if let Some(kept) = self.inner.kept_history(owner, &self.handle.thread_id) {
+            self.inner.metrics.history_read(true);
+            let mut messages = Vec::with_capacity(kept.len() + 1);
+            messages.extend(kept.iter().cloned());
+            messages.push(ChatMessage::text(Role::User, self.content.clone()));
+            return Ok(messages);
+        }
+        self.inner.metrics.history_read(false);
         let thread = self
             .inner
             .store
@@ -654,5 +679,159 @@ impl RunTask {
             }
         }
         Ok(messages)
+    }
+}
+
+/// The thread's conversation after a completed run, as `RunTask::history` would read it back from
+/// the store for the next run: the history the run was given (`messages` without the system
+/// prompt and the tool steps), then the run's turns when it called tools, else its answer.
+fn conversation(
+    mut messages: Vec<ChatMessage>,
+    system: bool,
+    history_len: usize,
+    turns: &[ChatMessage],
+    answer: Option<ChatMessage>,
+) -> Vec<ChatMessage> {
+    if system && !messages.is_empty() {
+        messages.remove(0);
+    }
+    messages.truncate(history_len);
+    messages.extend(turns.iter().cloned());
+    messages.extend(answer);
+    messages
+}
+
+/// A thread's conversation as its next run will send it (without that run's own message).
+pub(crate) struct KeptHistory {
+    owner: String,
+    messages: Arc<Vec<ChatMessage>>,
+    bytes: usize,
+}
+
+/// The conversations kept in memory (`EngineConfig::history_cache`), by thread id.
+#[derive(Default)]
+pub(crate) struct KeptHistories {
+    threads: HashMap<String, KeptHistory>,
+    bytes: usize,
+}
+
+/// The most memory kept conversations may take; past it the map starts over.
+const MAX_KEPT_BYTES: usize = 32 << 20;
+/// A longer conversation is not kept (its thread's next run reads the store).
+const MAX_KEPT_THREAD_BYTES: usize = 1 << 20;
+
+/// About the memory `messages` take.
+fn weight(messages: &[ChatMessage]) -> usize {
+    messages
+        .iter()
+        .map(|m| {
+            let calls: usize = m
+                .tool_calls
+                .iter()
+                .map(|c| c.id.len() + c.name.len() + c.arguments.len() + 64)
+                .sum();
+            std::mem::size_of::<ChatMessage>()
+                + m.content.len()
+                + calls
+                + m.tool_call_id.as_ref().map_or(0, String::len)
+                + m.tool_name.as_ref().map_or(0, String::len)
+        })
+        .sum()
+}
+
+impl KeptHistories {
+    fn get(&self, owner: &str, thread_id: &str) -> Option<Arc<Vec<ChatMessage>>> {
+        self.threads
+            .get(thread_id)
+            .filter(|k| k.owner == owner)
+            .map(|k| k.messages.clone())
+    }
+
+    /// Keeps `messages` as `thread_id`'s conversation, or forgets it (`None`).
+    fn keep(&mut self, owner: &str, thread_id: &str, messages: Option<Vec<ChatMessage>>) {
+        if let Some(old) = self.threads.remove(thread_id) {
+            self.bytes -= old.bytes;
+        }
+        let Some(messages) = messages else {
+            return;
+        };
+        let bytes = weight(&messages);
+        if bytes > MAX_KEPT_THREAD_BYTES {
+            return;
+        }
+        if self.bytes + bytes > MAX_KEPT_BYTES {
+            *self = KeptHistories::default();
+        }
+        self.bytes += bytes;
+        self.threads.insert(
+            thread_id.to_string(),
+            KeptHistory {
+                owner: owner.to_string(),
+                messages: Arc::new(messages),
+                bytes,
+            },
+        );
+    }
+}
+
+impl Inner {
+    /// The conversation kept for `thread_id` after its last completed run, if `owner`'s.
+    fn kept_history(&self, owner: &str, thread_id: &str) -> Option<Arc<Vec<ChatMessage>>> {
+        if !self.config.history_cache {
+            return None;
+        }
+        self.histories.lock().ok()?.get(owner, thread_id)
+    }
+
+    /// Keeps `messages` as `thread_id`'s conversation, or forgets it (`None`): the next run then
+    /// reads the thread from the store.
+    pub(crate) fn keep_history(
+        &self,
+        owner: &str,
+        thread_id: &str,
+        messages: Option<Vec<ChatMessage>>,
+    ) {
+        if let Ok(mut kept) = self.histories.lock() {
+            kept.keep(
+                owner,
+                thread_id,
+                messages.filter(|_| self.config.history_cache),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn talk(bytes: usize) -> Vec<ChatMessage> {
+        vec![ChatMessage::text(Role::User, "x".repeat(bytes))]
+    }
+
+    #[test]
+    fn kept_histories_stay_within_their_memory_budget() {
+        let mut kept = KeptHistories::default();
+        kept.keep("o", "t1", Some(talk(10)));
+        assert_eq!(kept.get("o", "t1").map(|m| m[0].content.len()), Some(10));
+        // Another owner does not see it; replacing it counts the new size only.
+        assert!(kept.get("p", "t1").is_none());
+        kept.keep("o", "t1", Some(talk(20)));
+        assert_eq!(kept.bytes, weight(&talk(20)));
+        // Forgetting gives the bytes back.
+        kept.keep("o", "t1", None);
+        assert!(kept.get("o", "t1").is_none());
+        assert_eq!(kept.bytes, 0);
+        // A conversation over the per-thread limit is not kept.
+        kept.keep("o", "big", Some(talk(MAX_KEPT_THREAD_BYTES + 1)));
+        assert!(kept.get("o", "big").is_none());
+        // Past the total budget the map starts over, and never holds more than the budget.
+        let n = MAX_KEPT_BYTES / weight(&talk(MAX_KEPT_THREAD_BYTES / 2)) + 2;
+        for i in 0..n {
+            kept.keep("o", &format!("t{i}"), Some(talk(MAX_KEPT_THREAD_BYTES / 2)));
+            assert!(kept.bytes <= MAX_KEPT_BYTES);
+        }
+        assert!(kept.get("o", &format!("t{}", n - 1)).is_some());
+        assert!(kept.get("o", "t0").is_none());
     }
 }

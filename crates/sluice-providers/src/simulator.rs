@@ -22,7 +22,7 @@
 //! | `bad_args` | `1`: the first call's arguments break its schema (`query` is a number) | 0 |
 //! | `tool` | the function called: `lookup`, `create_table`, `create_chart`, `create_document`, `update_artifact` | lookup |
 //! | `artifact` | with `tool=update_artifact`: the artifact id to update (appends a row) | |
-//! | `describe` | `1`: answer `system=<prompt, spaces as _> tools=<names> history_results=<n>` (what the request carried) | 0 |
+//! | `describe` | `1`: answer `system=<prompt, spaces as _> tools=<names> history_results=<n>` (what the request carried); `history`: answer `history=<items>:<FNV-1a of the messages' JSON>` | 0 |
 //! | `empty_args` | `1`: calls carry `{}` as their arguments | 0 |
 //! | `id` | a label with no effect but to make a model name (and so its `times` count) unique | |
 //!
@@ -85,6 +85,8 @@ pub struct Scenario {
     bad_args: bool,
     /// Answer with a description of the request (its system prompt and tools) instead of tokens.
     describe: bool,
+    /// `describe=history`: answer a fingerprint of the conversation sent.
+    fingerprint: bool,
     /// The function the calls name, and so the shape of their arguments.
     tool: String,
     /// For `tool=update_artifact`: the artifact to update.
@@ -114,6 +116,7 @@ impl Scenario {
             echo_auth: false,
             bad_args: false,
             describe: false,
+            fingerprint: false,
             tool: "lookup".into(),
             artifact: String::new(),
             empty_args: false,
@@ -144,7 +147,10 @@ impl Scenario {
                 "id" => {}
                 "echo_auth" => s.echo_auth = v == "1",
                 "bad_args" => s.bad_args = v == "1",
-                "describe" => s.describe = v == "1",
+                "describe" => {
+                    s.describe = v == "1";
+                    s.fingerprint = v == "history";
+                }
                 "tool" => s.tool = v.to_string(),
                 "artifact" => s.artifact = v.to_string(),
                 "empty_args" => s.empty_args = v == "1",
@@ -289,8 +295,12 @@ async fn handle(
     }
     let mut scenario = scenario;
     plan(&mut scenario, &req);
-    if scenario.describe {
-        scenario.answer = describe(&req);
+    if scenario.describe || scenario.fingerprint {
+        scenario.answer = if scenario.fingerprint {
+            vec![fingerprint(&req)]
+        } else {
+            describe(&req)
+        };
         scenario.tokens = scenario.answer.len() as u32;
         scenario.calls.clear();
     }
@@ -371,6 +381,24 @@ fn describe(req: &serde_json::Value) -> Vec<String> {
         format!("tools={} ", tools.join(",")),
         format!("history_results={results} "),
     ]
+}
+
+/// `history=<items>:<hash>`: the conversation's items (`messages` or `input`) and an FNV-1a hash
+/// of their JSON, so that a test can tell two requests' conversations apart.
+fn fingerprint(req: &serde_json::Value) -> String {
+    let items = req
+        .get("messages")
+        .or_else(|| req.get("input"))
+        .cloned()
+        .unwrap_or_default();
+    let n = items.as_array().map_or(0, Vec::len);
+    let hash = items
+        .to_string()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    format!("history={n}:{hash:016x} ")
 }
 
 /// Tool results in the conversation since the user's last message, in any dialect.

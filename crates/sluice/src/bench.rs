@@ -508,6 +508,16 @@ impl TokenScanner {
     }
 }
 
+/// What one measured request saw.
+struct Timed {
+    /// Each token's arrival after the request was written.
+    times: Vec<Duration>,
+    /// Through Sluice: the run's own `time_to_first_token_ms`.
+    inside: Option<Duration>,
+    /// Through Sluice: the thread the run is on (from `run_started`).
+    thread_id: Option<String>,
+}
+
 /// Sends `body` to `path` and answers each token's arrival time after the request was written.
 async fn token_times(
     addr: &str,
@@ -517,7 +527,7 @@ async fn token_times(
 ) -> anyhow::Result<Vec<Duration>> {
     Ok(token_times_and_tail(addr, path, body, tokens, false)
         .await?
-        .0)
+        .times)
 }
 
 /// `token_times`, and with `run_end` it reads on to Sluice's terminal event and also answers the
@@ -532,7 +542,7 @@ async fn token_times_and_tail(
     body: &str,
     tokens: u32,
     run_end: bool,
-) -> anyhow::Result<(Vec<Duration>, Option<Duration>)> {
+) -> anyhow::Result<Timed> {
     let req = format!(
         "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
@@ -550,7 +560,7 @@ fn blocking_token_times(
     req: &str,
     tokens: u32,
     run_end: bool,
-) -> anyhow::Result<(Vec<Duration>, Option<Duration>)> {
+) -> anyhow::Result<Timed> {
     use std::io::{Read, Write};
     let mut sock = std::net::TcpStream::connect(addr)?;
     sock.set_nodelay(true)?;
@@ -562,6 +572,8 @@ fn blocking_token_times(
     let mut times = Vec::with_capacity(tokens as usize);
     // The last bytes received, to say what the stream looked like if it stops short.
     let mut tail: Vec<u8> = Vec::new();
+    // The first bytes received, where `run_started` names the thread.
+    let mut head: Vec<u8> = Vec::new();
     while times.len() < tokens as usize {
         let n = match sock.read(&mut buf) {
             Ok(n) => n,
@@ -582,6 +594,9 @@ fn blocking_token_times(
         if n == 0 {
             bail!("{path}: closed after {} of {tokens} tokens", times.len());
         }
+        if head.len() < 4096 {
+            head.extend_from_slice(&buf[..n.min(4096 - head.len())]);
+        }
         tail.extend_from_slice(&buf[..n]);
         if tail.len() > 2048 {
             tail.drain(..tail.len() - 2048);
@@ -591,8 +606,23 @@ fn blocking_token_times(
             times.push(at);
         }
     }
+    const THREAD: &[u8] = b"\"thread_id\":\"";
+    let thread_id = head
+        .windows(THREAD.len())
+        .position(|w| w == THREAD)
+        .map(|i| {
+            head[i + THREAD.len()..]
+                .iter()
+                .take_while(|&&b| b != b'"')
+                .map(|&b| b as char)
+                .collect::<String>()
+        });
     if !run_end {
-        return Ok((times, None));
+        return Ok(Timed {
+            times,
+            inside: None,
+            thread_id,
+        });
     }
     const MARK: &[u8] = b"\"time_to_first_token_ms\":";
     let at = loop {
@@ -613,7 +643,11 @@ fn blocking_token_times(
         .take_while(|c| c.is_ascii_digit() || *c == '.')
         .collect();
     let ms: f64 = number.parse().context("time_to_first_token_ms")?;
-    Ok((times, Some(Duration::from_secs_f64(ms / 1000.0))))
+    Ok(Timed {
+        times,
+        inside: Some(Duration::from_secs_f64(ms / 1000.0)),
+        thread_id,
+    })
 }
 
 #[derive(Default)]
@@ -725,8 +759,10 @@ pub async fn relay(listen: std::net::SocketAddr, upstream: &str) -> anyhow::Resu
 }
 
 /// Each adapter against the simulator: the simulator called directly, through a relay that does
-/// nothing (one more process on the path, the floor under what any proxy adds here), and through
-/// Sluice, in alternation so all three paths see the same conditions. Persistence is on.
+/// nothing (one more process on the path, the floor under what any proxy adds here), through
+/// Sluice on a new thread, and through Sluice as a later message of a thread (its run needs the
+/// thread's history first), in a rotating order so all paths see the same conditions.
+/// Persistence is on.
 async fn providers(runs: usize, args: &BenchArgs) -> anyhow::Result<()> {
     let (tokens, concurrent_streams) = (args.provider_tokens, args.streams);
     pin(std::process::id(), args.others_cpus.as_deref())?;
@@ -792,6 +828,7 @@ async fn providers(runs: usize, args: &BenchArgs) -> anyhow::Result<()> {
         ("ollama", PROVIDER_PATHS[3]),
     ];
     let mut summary = Vec::new();
+    let mut followups = Vec::new();
     let mut split = Vec::new();
     for (provider, path) in adapters {
         let direct_body = serde_json::json!({
@@ -803,28 +840,55 @@ async fn providers(runs: usize, args: &BenchArgs) -> anyhow::Result<()> {
         let sluice_body =
             serde_json::json!({"content": "bench", "model": format!("{provider}/{model}")})
                 .to_string();
-        let (mut direct, mut relayed, mut through) = Default::default();
+        let (mut direct, mut relayed, mut through, mut follow) = Default::default();
         // Warm every path (connection pools, caches) before measuring.
         token_times(&sim.addr, path, &direct_body, tokens).await?;
         token_times(&relay.addr, path, &direct_body, tokens).await?;
-        token_times(&server.addr, "/v1/runs/stream", &sluice_body, tokens).await?;
-        for _ in 0..runs {
-            PathStats::add(
-                &mut direct,
-                &token_times(&sim.addr, path, &direct_body, tokens).await?,
-            );
-            PathStats::add(
-                &mut relayed,
-                &token_times(&relay.addr, path, &direct_body, tokens).await?,
-            );
-            let (times, inside) =
-                token_times_and_tail(&server.addr, "/v1/runs/stream", &sluice_body, tokens, true)
-                    .await?;
-            PathStats::add(&mut through, &times);
-            PathStats::add_inside(&mut through, times.first().copied(), inside);
+        let warm =
+            token_times_and_tail(&server.addr, "/v1/runs/stream", &sluice_body, tokens, false)
+                .await?;
+        // The thread of the latest new-thread run through Sluice, for the next second message.
+        let mut thread = warm.thread_id.context("run_started named no thread")?;
+        for i in 0..runs {
+            // The four paths in a rotating order: a process that just served a request is warmer
+            // (caches, scheduler) than one that waited, and no path should always come first.
+            for which in (0..4).map(|k| (k + i) % 4) {
+                match which {
+                    0 => PathStats::add(
+                        &mut direct,
+                        &token_times(&sim.addr, path, &direct_body, tokens).await?,
+                    ),
+                    1 => PathStats::add(
+                        &mut relayed,
+                        &token_times(&relay.addr, path, &direct_body, tokens).await?,
+                    ),
+                    2 => {
+                        let new = token_times_and_tail(
+                            &server.addr,
+                            "/v1/runs/stream",
+                            &sluice_body,
+                            tokens,
+                            true,
+                        )
+                        .await?;
+                        PathStats::add(&mut through, &new.times);
+                        PathStats::add_inside(&mut through, new.times.first().copied(), new.inside);
+                        thread = new.thread_id.context("run_started named no thread")?;
+                    }
+                    _ => {
+                        // A second message on a thread: its run needs the thread's history
+                        // before it calls the model (kept in memory after the thread's last run).
+                        let followed = format!("/v1/threads/{thread}/runs/stream");
+                        PathStats::add(
+                            &mut follow,
+                            &token_times(&server.addr, &followed, &sluice_body, tokens).await?,
+                        );
+                    }
+                }
+            }
         }
-        let (direct, relayed, mut through): (PathStats, PathStats, PathStats) =
-            (direct, relayed, through);
+        let (direct, relayed, mut through, follow): (PathStats, PathStats, PathStats, PathStats) =
+            (direct, relayed, through, follow);
         let (mut inside, mut outside) = (
             std::mem::take(&mut through.inside),
             std::mem::take(&mut through.outside),
@@ -841,10 +905,16 @@ async fn providers(runs: usize, args: &BenchArgs) -> anyhow::Result<()> {
         let (d_ttft, d_tok) = direct.sorted();
         let (r_ttft, r_tok) = relayed.sorted();
         let (s_ttft, s_tok) = through.sorted();
+        let (f_ttft, f_tok) = follow.sorted();
         for (name, ttft, tok) in [
             ("direct", &d_ttft, &d_tok),
             ("through a no-op relay", &r_ttft, &r_tok),
             ("through Sluice", &s_ttft, &s_tok),
+            (
+                "through Sluice, a later message of a thread",
+                &f_ttft,
+                &f_tok,
+            ),
         ] {
             println!(
                 "| {provider} | {name} | {} | {} | {} | {} |",
@@ -864,6 +934,13 @@ async fn providers(runs: usize, args: &BenchArgs) -> anyhow::Result<()> {
             signed_us(percentile(&s_ttft, 0.5), percentile(&r_ttft, 0.5)),
             signed_us(percentile(&s_ttft, 0.99), percentile(&r_ttft, 0.99)),
         ));
+        followups.push(format!(
+            "| {provider} | {} | {} | {} | {} |",
+            signed_us(percentile(&f_ttft, 0.5), percentile(&d_ttft, 0.5)),
+            signed_us(percentile(&f_ttft, 0.99), percentile(&d_ttft, 0.99)),
+            signed_us(percentile(&f_ttft, 0.5), percentile(&s_ttft, 0.5)),
+            signed_us(percentile(&f_ttft, 0.99), percentile(&s_ttft, 0.99)),
+        ));
     }
     println!();
     println!(
@@ -871,6 +948,14 @@ async fn providers(runs: usize, args: &BenchArgs) -> anyhow::Result<()> {
     );
     println!("|---|---|---|---|---|---|---|---|");
     for line in summary {
+        println!("{line}");
+    }
+    println!();
+    println!(
+        "| adapter | a later message of a thread: Sluice adds to first token p50 | p99 | over a new thread p50 | p99 |"
+    );
+    println!("|---|---|---|---|---|");
+    for line in followups {
         println!("{line}");
     }
     println!();

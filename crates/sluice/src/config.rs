@@ -225,6 +225,8 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Config> {
     }
     let defaults = EngineConfig::default();
     let engine = EngineConfig {
+        // Every write to the embedded store goes through this process.
+        history_cache: defaults.history_cache,
         default_model: args
             .default_model
             .clone()

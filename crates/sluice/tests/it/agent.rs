@@ -1026,3 +1026,103 @@ async fn an_artifact_whose_call_is_cancelled_while_written_is_not_left_half_made
     let thread = client.get_thread(&view.thread_id).await.expect("thread");
     assert!(thread.artifacts.expect("artifacts").is_empty());
 }
+
+/// Where a run on an existing thread got its history: (from memory, from the store).
+async fn history_reads(server: &TestServer) -> (u64, u64) {
+    let text = reqwest::get(format!("{}/metrics", server.url))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let count = |from: &str| {
+        let line = format!("sluice_history_reads_total{{from=\"{from}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(line.as_str()))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {line} in /metrics"))
+    };
+    (count("memory"), count("store"))
+}
+
+/// A thread's next run sends the model the same conversation whether the thread's history is
+/// kept in memory or read from the store: the same script on two servers, one keeping histories
+/// and one not, through tool calls, a system prompt, and a run that fails midway (its partial
+/// answer stays in the thread), then a model that answers a fingerprint of what it was sent.
+#[tokio::test]
+async fn a_thread_sends_the_same_conversation_from_memory_as_from_the_store() {
+    let mut fingerprints = Vec::new();
+    for history_cache in [true, false] {
+        let mut tools = ToolRegistry::new();
+        tools.add(Arc::new(Lookup {
+            delay: Duration::from_millis(1),
+            stopped: Arc::new(AtomicU32::new(0)),
+        }));
+        let mut agents = std::collections::HashMap::new();
+        agents.insert(
+            "brief".to_string(),
+            sluice_engine::Agent {
+                model: None,
+                system_prompt: Some("Be brief".into()),
+                tools: None,
+                max_steps: None,
+            },
+        );
+        let server = TestServer::start(Opts {
+            providers: vec![crate::sim_provider().await],
+            tools,
+            agents,
+            default_agent: Some("brief".into()),
+            history_cache,
+            ..Opts::default()
+        })
+        .await;
+        let client = server.client();
+        let mut thread: Option<String> = None;
+        let mut seen = Vec::new();
+        for (content, model) in [
+            ("look two things up", "sim/sim?tokens=1&tools=2"),
+            ("what did I say?", "sim/sim?describe=history"),
+            ("thanks", "sim/sim?tokens=3"),
+            ("once more", "sim/sim?tokens=5&fault=drop&after=2"),
+            ("and again", "sim/sim?tokens=2"),
+            ("what did I say?", "sim/sim?describe=history"),
+        ] {
+            let mut r = req(content);
+            r.model = Some(model.into());
+            let events = collect(
+                client
+                    .stream_run(thread.as_deref(), &r)
+                    .await
+                    .expect("stream"),
+            )
+            .await;
+            thread.get_or_insert_with(|| crate::thread_of(&events));
+            let end = events.last().map(|e| e.event.body.kind());
+            if model.contains("fault=drop") {
+                assert_eq!(end, Some(EventKind::RunFailed), "{content}");
+            } else {
+                assert_eq!(end, Some(EventKind::RunCompleted), "{content}");
+            }
+            if model.contains("describe") {
+                seen.push(text_of(&events));
+            }
+        }
+        // With histories kept, only the run after the failed one read the store.
+        let reads = history_reads(&server).await;
+        assert_eq!(reads, if history_cache { (4, 1) } else { (0, 5) });
+        fingerprints.push(seen);
+    }
+    // After the tool run: the system prompt, 2 user messages, the tool turns (the calls, 2
+    // results, the answer). At the end: 6 user messages, the tool turns, the first fingerprint,
+    // two answers and the failed run's partial answer.
+    assert!(
+        fingerprints[0][0].starts_with("history=7:"),
+        "{fingerprints:?}"
+    );
+    assert!(
+        fingerprints[0][1].starts_with("history=15:"),
+        "{fingerprints:?}"
+    );
+    assert_eq!(fingerprints[0], fingerprints[1]);
+}

@@ -37,6 +37,7 @@ pub struct Opts {
     pub agents: std::collections::HashMap<String, sluice_engine::Agent>,
     pub default_agent: Option<String>,
     pub mcp: Vec<(String, sluice::config::McpSection)>,
+    pub history_cache: bool,
 }
 
 impl Default for Opts {
@@ -55,6 +56,7 @@ impl Default for Opts {
             default_model: None,
             tools: sluice_engine::ToolRegistry::new(),
             max_steps: 8,
+            history_cache: true,
             agents: Default::default(),
             default_agent: None,
             mcp: Vec::new(),
@@ -87,6 +89,7 @@ impl TestServer {
                 max_steps: opts.max_steps,
                 agents: opts.agents,
                 default_agent: opts.default_agent,
+                history_cache: opts.history_cache,
                 ..EngineConfig::default()
             },
             http: HttpConfig {
