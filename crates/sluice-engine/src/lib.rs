@@ -204,6 +204,8 @@ pub(crate) struct Inner {
     runs: Mutex<HashMap<Arc<str>, Arc<RunHandle>>>,
     /// Threads known to exist, with their owner: spares a store round trip when a run starts on an
     /// existing thread. Bounded: cleared when it reaches `KNOWN_THREADS_MAX`.
+    /// The tools offered by each agent of `config.agents`.
+    agent_tools: HashMap<String, Arc<[sluice_providers::ToolSpec]>>,
     known_threads: Mutex<HashMap<String, String>>,
     /// Thread id → its conversation after its last completed run (`EngineConfig::history_cache`).
     histories: Mutex<run::KeptHistories>,
@@ -261,10 +263,29 @@ impl Engine {
         config: EngineConfig,
         metrics: Arc<Metrics>,
     ) -> Self {
+        // Each agent's tools, filtered once: a run hands the same list to its model every time
+        // (a provider keeps the list's JSON while it is the same list).
+        let agent_tools = config
+            .agents
+            .iter()
+            .map(|(name, agent)| {
+                let specs = match &agent.tools {
+                    Some(names) => tools
+                        .specs()
+                        .iter()
+                        .filter(|t| names.contains(&t.name))
+                        .cloned()
+                        .collect(),
+                    None => tools.specs(),
+                };
+                (name.clone(), specs)
+            })
+            .collect();
         let inner = Arc::new(Inner {
             store,
             models,
             tools,
+            agent_tools,
             config,
             runs: Mutex::new(HashMap::new()),
             known_threads: Mutex::new(HashMap::new()),
@@ -656,6 +677,10 @@ impl Engine {
             new_thread,
             model: resolved.model,
             upstream_model: resolved.upstream,
+            tools: agent_name
+                .as_ref()
+                .and_then(|name| self.inner.agent_tools.get(name).cloned())
+                .unwrap_or_else(|| self.inner.tools.specs()),
             agent,
             drafts_shown: Default::default(),
             model_name,

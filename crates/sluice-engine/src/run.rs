@@ -34,8 +34,10 @@ pub(crate) struct RunTask {
     pub model_name: String,
     /// The model name sent to the provider (`gpt-5`).
     pub upstream_model: String,
-    /// The agent the run uses (system prompt, tools, step limit).
+    /// The agent the run uses (system prompt, step limit).
     pub agent: crate::Agent,
+    /// The tools the agent offers the model.
+    pub tools: Arc<[sluice_providers::ToolSpec]>,
     /// Artifacts shown as intermediate and not yet final: discarded if the run ends first.
     pub drafts_shown: std::sync::Mutex<std::collections::HashSet<String>>,
     pub content: String,
@@ -286,17 +288,6 @@ impl RunTask {
         };
         // The conversation up to this run's message; what the model answers is added to it.
         let history_len = messages.len();
-        let tools: Arc<[sluice_providers::ToolSpec]> = match &self.agent.tools {
-            Some(names) => self
-                .inner
-                .tools
-                .specs()
-                .iter()
-                .filter(|t| names.contains(&t.name))
-                .cloned()
-                .collect(),
-            None => self.inner.tools.specs(),
-        };
         let system = self.agent.system_prompt.is_some();
         if let Some(prompt) = &self.agent.system_prompt {
             messages.insert(0, ChatMessage::text(Role::System, prompt.clone()));
@@ -311,7 +302,7 @@ impl RunTask {
             let stream = self.model.stream(ModelRequest {
                 model: self.upstream_model.clone(),
                 messages: messages.clone(),
-                tools: tools.clone(),
+                tools: self.tools.clone(),
             });
             let turn = match self.step(stream, out, usage, ttft, stop_reason).await {
                 Ok(turn) => turn,

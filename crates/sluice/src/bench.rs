@@ -689,7 +689,9 @@ fn us(d: Duration) -> String {
     format!("{:.1} µs", d.as_secs_f64() * 1e6)
 }
 
-fn signed_us(a: Duration, b: Duration) -> String {
+/// How much later `a`'s `p` percentile is than `b`'s.
+fn added(a: &[Duration], b: &[Duration], p: f64) -> String {
+    let (a, b) = (percentile(a, p), percentile(b, p));
     format!("{:+.1} µs", (a.as_secs_f64() - b.as_secs_f64()) * 1e6)
 }
 
@@ -840,7 +842,12 @@ async fn providers(runs: usize, args: &BenchArgs) -> anyhow::Result<()> {
         let sluice_body =
             serde_json::json!({"content": "bench", "model": format!("{provider}/{model}")})
                 .to_string();
-        let (mut direct, mut relayed, mut through, mut follow) = Default::default();
+        let (mut direct, mut relayed, mut through, mut follow): (
+            PathStats,
+            PathStats,
+            PathStats,
+            PathStats,
+        ) = Default::default();
         // Warm every path (connection pools, caches) before measuring.
         token_times(&sim.addr, path, &direct_body, tokens).await?;
         token_times(&relay.addr, path, &direct_body, tokens).await?;
@@ -854,14 +861,15 @@ async fn providers(runs: usize, args: &BenchArgs) -> anyhow::Result<()> {
             // (caches, scheduler) than one that waited, and no path should always come first.
             for which in (0..4).map(|k| (k + i) % 4) {
                 match which {
-                    0 => PathStats::add(
-                        &mut direct,
-                        &token_times(&sim.addr, path, &direct_body, tokens).await?,
-                    ),
-                    1 => PathStats::add(
-                        &mut relayed,
-                        &token_times(&relay.addr, path, &direct_body, tokens).await?,
-                    ),
+                    0 | 1 => {
+                        // The provider's own request, to the simulator or through the relay.
+                        let (addr, stats) = if which == 0 {
+                            (&sim.addr, &mut direct)
+                        } else {
+                            (&relay.addr, &mut relayed)
+                        };
+                        stats.add(&token_times(addr, path, &direct_body, tokens).await?);
+                    }
                     2 => {
                         let new = token_times_and_tail(
                             &server.addr,
@@ -871,24 +879,21 @@ async fn providers(runs: usize, args: &BenchArgs) -> anyhow::Result<()> {
                             true,
                         )
                         .await?;
-                        PathStats::add(&mut through, &new.times);
-                        PathStats::add_inside(&mut through, new.times.first().copied(), new.inside);
+                        through.add(&new.times);
+                        through.add_inside(new.times.first().copied(), new.inside);
                         thread = new.thread_id.context("run_started named no thread")?;
                     }
                     _ => {
                         // A second message on a thread: its run needs the thread's history
                         // before it calls the model (kept in memory after the thread's last run).
                         let followed = format!("/v1/threads/{thread}/runs/stream");
-                        PathStats::add(
-                            &mut follow,
+                        follow.add(
                             &token_times(&server.addr, &followed, &sluice_body, tokens).await?,
                         );
                     }
                 }
             }
         }
-        let (direct, relayed, mut through, follow): (PathStats, PathStats, PathStats, PathStats) =
-            (direct, relayed, through, follow);
         let (mut inside, mut outside) = (
             std::mem::take(&mut through.inside),
             std::mem::take(&mut through.outside),
@@ -926,20 +931,20 @@ async fn providers(runs: usize, args: &BenchArgs) -> anyhow::Result<()> {
         }
         summary.push(format!(
             "| {provider} | {} | {} | {} | {} | {} | {} | {} |",
-            signed_us(percentile(&s_ttft, 0.5), percentile(&d_ttft, 0.5)),
-            signed_us(percentile(&s_ttft, 0.99), percentile(&d_ttft, 0.99)),
-            signed_us(percentile(&s_tok, 0.5), percentile(&d_tok, 0.5)),
-            signed_us(percentile(&r_ttft, 0.5), percentile(&d_ttft, 0.5)),
-            signed_us(percentile(&r_ttft, 0.99), percentile(&d_ttft, 0.99)),
-            signed_us(percentile(&s_ttft, 0.5), percentile(&r_ttft, 0.5)),
-            signed_us(percentile(&s_ttft, 0.99), percentile(&r_ttft, 0.99)),
+            added(&s_ttft, &d_ttft, 0.5),
+            added(&s_ttft, &d_ttft, 0.99),
+            added(&s_tok, &d_tok, 0.5),
+            added(&r_ttft, &d_ttft, 0.5),
+            added(&r_ttft, &d_ttft, 0.99),
+            added(&s_ttft, &r_ttft, 0.5),
+            added(&s_ttft, &r_ttft, 0.99),
         ));
         followups.push(format!(
             "| {provider} | {} | {} | {} | {} |",
-            signed_us(percentile(&f_ttft, 0.5), percentile(&d_ttft, 0.5)),
-            signed_us(percentile(&f_ttft, 0.99), percentile(&d_ttft, 0.99)),
-            signed_us(percentile(&f_ttft, 0.5), percentile(&s_ttft, 0.5)),
-            signed_us(percentile(&f_ttft, 0.99), percentile(&s_ttft, 0.99)),
+            added(&f_ttft, &d_ttft, 0.5),
+            added(&f_ttft, &d_ttft, 0.99),
+            added(&f_ttft, &s_ttft, 0.5),
+            added(&f_ttft, &s_ttft, 0.99),
         ));
     }
     println!();
