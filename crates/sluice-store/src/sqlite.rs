@@ -220,6 +220,8 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
+        // Every statement the writer runs stays prepared (`exec`, `prepare_cached`).
+        conn.set_prepared_statement_cache_capacity(64);
         migrate(&conn)?;
         let recovered = recover(&mut conn)?;
         let shared = Arc::new(Shared {
@@ -531,13 +533,13 @@ fn apply_batch(conn: &mut Connection, batch: &mut Vec<Op>) -> Result<(), StoreEr
                 log_err(finish_run(&tx, &end), "finish run");
             }
             Op::CreateThread(t, reply) => {
-                let res = tx
-                    .execute(
-                        "INSERT INTO threads (id, owner, title, created_at) VALUES (?1, ?2, ?3, ?4)",
-                        params![t.id, t.owner, t.title, t.created_at],
-                    )
-                    .map(|_| ())
-                    .map_err(StoreError::from);
+                let res = exec(
+                    &tx,
+                    "INSERT INTO threads (id, owner, title, created_at) VALUES (?1, ?2, ?3, ?4)",
+                    params![t.id, t.owner, t.title, t.created_at],
+                )
+                .map(|_| ())
+                .map_err(StoreError::from);
                 match reply {
                     Some(reply) => {
                         let _ = reply.send(res);
@@ -547,7 +549,8 @@ fn apply_batch(conn: &mut Connection, batch: &mut Vec<Op>) -> Result<(), StoreEr
             }
             Op::CreateRun(r) => log_err(create_run(&tx, &r), "create run"),
             Op::StartRun(id) => log_err(
-                tx.execute(
+                exec(
+                    &tx,
                     "UPDATE runs SET status = 'running' WHERE id = ?1 AND status = 'queued'",
                     params![&*id],
                 ),
@@ -555,7 +558,8 @@ fn apply_batch(conn: &mut Connection, batch: &mut Vec<Op>) -> Result<(), StoreEr
             ),
             Op::DeleteThread(owner, id, reply) => {
                 let _ = reply.send(
-                    tx.execute(
+                    exec(
+                        &tx,
                         "DELETE FROM threads WHERE id = ?1 AND owner = ?2",
                         params![id, owner],
                     )
@@ -584,7 +588,8 @@ fn apply_batch(conn: &mut Connection, batch: &mut Vec<Op>) -> Result<(), StoreEr
             }
             Op::PutArtifact(a) => log_err(put_artifact(&tx, &a), "artifact"),
             Op::DiscardDraft(id) => log_err(
-                tx.execute(
+                exec(
+                    &tx,
                     "DELETE FROM artifacts WHERE id = ?1 AND status = 'intermediate'",
                     params![id],
                 ),
@@ -604,6 +609,12 @@ fn apply_batch(conn: &mut Connection, batch: &mut Vec<Op>) -> Result<(), StoreEr
         let _ = reply.send(Ok(()));
     }
     Ok(())
+}
+
+/// Runs one statement through the connection's statement cache: the writer runs the same few
+/// statements for every run, and parsing them each time was a fifth of its work.
+fn exec(tx: &Connection, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    tx.prepare_cached(sql)?.execute(params)
 }
 
 fn log_err<T>(res: Result<T, impl std::fmt::Display>, what: &'static str) {
@@ -638,7 +649,8 @@ fn flush_progress(
 }
 
 fn create_run(tx: &Transaction<'_>, r: &NewRun) -> rusqlite::Result<()> {
-    tx.execute(
+    exec(
+        tx,
         "INSERT INTO messages (id, thread_id, role, content, status, run_id, created_at)
          VALUES (?1, ?2, 'user', ?3, 'complete', ?4, ?5)",
         params![
@@ -649,12 +661,14 @@ fn create_run(tx: &Transaction<'_>, r: &NewRun) -> rusqlite::Result<()> {
             r.created_at
         ],
     )?;
-    tx.execute(
+    exec(
+        tx,
         "INSERT INTO messages (id, thread_id, role, content, status, run_id, created_at)
          VALUES (?1, ?2, 'assistant', '', 'streaming', ?3, ?4)",
         params![&*r.message_id, r.thread_id, &*r.id, r.created_at],
     )?;
-    tx.execute(
+    exec(
+        tx,
         "INSERT INTO runs (id, thread_id, model, status, user_message_id, message_id, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![
@@ -677,7 +691,8 @@ fn finish_run(tx: &Transaction<'_>, end: &RunEnd) -> Result<(), StoreError> {
         Some(e) => Some(serde_json::to_string(e).map_err(|e| StoreError::Corrupt(e.to_string()))?),
         None => None,
     };
-    tx.execute(
+    exec(
+        tx,
         "UPDATE runs SET status = ?2, usage = ?3, ttft_ms = ?4, error = ?5, ended_at = ?6 WHERE id = ?1",
         params![
             &*end.run_id,
@@ -688,7 +703,8 @@ fn finish_run(tx: &Transaction<'_>, end: &RunEnd) -> Result<(), StoreError> {
             end.ended_at
         ],
     )?;
-    tx.execute(
+    exec(
+        tx,
         "UPDATE messages SET status = ?2, turns = COALESCE(?3, turns) WHERE id = ?1",
         params![&*end.message_id, end.message_status.as_str(), end.turns],
     )?;
@@ -701,19 +717,16 @@ fn get_thread(
     id: &str,
 ) -> Result<Option<ThreadView>, StoreError> {
     let thread = tx
-        .query_row(
-            "SELECT id, title, created_at FROM threads WHERE id = ?1 AND owner = ?2",
-            params![id, owner],
-            |row| {
-                Ok(ThreadView {
-                    id: row.get(0)?,
-                    title: row.get(1)?,
-                    created_at: row.get(2)?,
-                    messages: None,
-                    artifacts: None,
-                })
-            },
-        )
+        .prepare_cached("SELECT id, title, created_at FROM threads WHERE id = ?1 AND owner = ?2")?
+        .query_row(params![id, owner], |row| {
+            Ok(ThreadView {
+                id: row.get(0)?,
+                title: row.get(1)?,
+                created_at: row.get(2)?,
+                messages: None,
+                artifacts: None,
+            })
+        })
         .optional()?;
     let Some(mut thread) = thread else {
         return Ok(None);
@@ -787,14 +800,12 @@ fn list_threads(
 }
 
 fn get_run(tx: &Transaction<'_>, owner: &str, id: &str) -> Result<Option<StoredRun>, StoreError> {
-    let row = tx
-        .query_row(
-            "SELECT r.id, r.thread_id, r.model, r.status, r.user_message_id, r.message_id, r.usage,
+    let row = tx.prepare_cached("SELECT r.id, r.thread_id, r.model, r.status, r.user_message_id, r.message_id, r.usage,
                     r.ttft_ms, r.last_seq, r.error, r.created_at, r.ended_at, r.epoch, r.durable_seq,
                     t.owner
              FROM runs r JOIN threads t ON t.id = r.thread_id
-             WHERE r.id = ?1 AND t.owner = ?2",
-            params![id, owner],
+             WHERE r.id = ?1 AND t.owner = ?2")?
+        .query_row(params![id, owner],
             |row| {
                 Ok((
                     (
@@ -886,7 +897,7 @@ fn artifact_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ArtifactResult> {
 }
 
 fn put_artifact(tx: &Transaction<'_>, a: &ArtifactView) -> Result<(), StoreError> {
-    tx.execute(
+    exec(tx,
         "INSERT OR REPLACE INTO artifacts (id, version, thread_id, run_id, kind, title, status, data, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         params![
@@ -910,13 +921,11 @@ fn get_artifact(
     id: &str,
     version: Option<u32>,
 ) -> Result<Option<ArtifactView>, StoreError> {
-    let row = tx
-        .query_row(
-            "SELECT a.id, a.version, a.thread_id, a.run_id, a.kind, a.title, a.status, a.data, a.created_at
+    let row = tx.prepare_cached("SELECT a.id, a.version, a.thread_id, a.run_id, a.kind, a.title, a.status, a.data, a.created_at
              FROM artifacts a JOIN threads t ON t.id = a.thread_id
              WHERE a.id = ?1 AND t.owner = ?2
-               AND a.version = COALESCE(?3, (SELECT MAX(version) FROM artifacts b WHERE b.id = a.id))",
-            params![id, owner, version],
+               AND a.version = COALESCE(?3, (SELECT MAX(version) FROM artifacts b WHERE b.id = a.id))")?
+        .query_row(params![id, owner, version],
             artifact_row,
         )
         .optional()?;
