@@ -48,6 +48,17 @@ pub struct BenchArgs {
     /// a real model's gap keeps the rest of the answer from racing the first token).
     #[arg(long, default_value_t = 0)]
     pub provider_gap_us: u64,
+    /// Microseconds of quiet before each request in the comparison. 0 sends the requests back to
+    /// back (a closed loop that keeps this machine about half busy); a few milliseconds measures
+    /// low load, where each run's background work (the store's group commit follows a run's first
+    /// write by 2 ms) is done before the next request comes.
+    #[arg(long, default_value_t = 0)]
+    pub provider_pause_us: u64,
+    /// Print each first token in the comparison slower than this many microseconds, with the
+    /// CLOCK_MONOTONIC time its request was sent (to match against `perf record -k
+    /// CLOCK_MONOTONIC -a -e sched:sched_switch`: what ran on the machine during the slow ones).
+    #[arg(long)]
+    pub trace_slow_us: Option<u64>,
     /// Pin the server (all its threads) to these CPUs (`taskset` list, e.g. `1`), so that it does
     /// not share cores with the load generator and the simulator (pinned with `--others-cpus`).
     #[arg(long)]
@@ -553,6 +564,25 @@ async fn token_times_and_tail(
         .context("the measuring thread failed")?
 }
 
+/// `--trace-slow-us`: first tokens slower than this are printed with the moment they were asked.
+static TRACE_SLOW: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+
+/// CLOCK_MONOTONIC now, in nanoseconds: the clock `perf record -k CLOCK_MONOTONIC` stamps events
+/// with, so a slow request can be matched with what the machine was doing at the time.
+fn monotonic_ns() -> i128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through a pointer to a live local.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+}
+
 /// `token_times_and_tail` on the measuring thread; `req` is the whole HTTP request.
 fn blocking_token_times(
     addr: &str,
@@ -565,6 +595,7 @@ fn blocking_token_times(
     let mut sock = std::net::TcpStream::connect(addr)?;
     sock.set_nodelay(true)?;
     sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mono = TRACE_SLOW.get().map(|_| monotonic_ns());
     let started = Instant::now();
     sock.write_all(req.as_bytes())?;
     let mut buf = vec![0u8; 16 * 1024];
@@ -605,6 +636,14 @@ fn blocking_token_times(
         for _ in 0..scanner.feed(&buf[..n]) {
             times.push(at);
         }
+    }
+    if let (Some(slow), Some(mono), Some(first)) = (TRACE_SLOW.get(), mono, times.first())
+        && first > slow
+    {
+        eprintln!(
+            "slow first token: {path} on {addr} at {mono} ns took {} µs",
+            first.as_micros()
+        );
     }
     const THREAD: &[u8] = b"\"thread_id\":\"";
     let thread_id = head
@@ -687,6 +726,16 @@ impl PathStats {
 
 fn us(d: Duration) -> String {
     format!("{:.1} µs", d.as_secs_f64() * 1e6)
+}
+
+/// The `p` percentile of `sorted`, or a dash where there is nothing to measure (one token per run
+/// has no gap between tokens).
+fn us_of(sorted: &[Duration], p: f64) -> String {
+    if sorted.is_empty() {
+        "—".to_string()
+    } else {
+        us(percentile(sorted, p))
+    }
 }
 
 /// How much later `a`'s `p` percentile is than `b`'s.
@@ -805,13 +854,24 @@ async fn providers(runs: usize, args: &BenchArgs) -> anyhow::Result<()> {
     .await?;
     pin(relay.pid, args.server_cpus.as_deref())?;
     let gap = args.provider_gap_us;
+    let pause = Duration::from_micros(args.provider_pause_us);
+    if let Some(us) = args.trace_slow_us {
+        TRACE_SLOW.get_or_init(|| Duration::from_micros(us));
+    }
     let model = format!("sim?tokens={tokens}&gap_us={gap}");
     let pace = if gap == 0 {
         "as fast as possible".to_string()
     } else {
         format!("{gap} µs between tokens")
     };
-    println!("# sluice bench --providers {runs} — {tokens} tokens per run, simulator pace: {pace}");
+    let quiet = if pause.is_zero() {
+        "back to back".to_string()
+    } else {
+        format!("{} µs of quiet before each", args.provider_pause_us)
+    };
+    println!(
+        "# sluice bench --providers {runs} — {tokens} tokens per run, simulator pace: {pace}; requests {quiet}"
+    );
     let cpus = |c: Option<&String>| c.map_or("any".to_string(), |c| c.clone());
     if args.server_cpus.is_some() || args.others_cpus.is_some() || args.sim_cpus.is_some() {
         println!(
@@ -860,6 +920,9 @@ async fn providers(runs: usize, args: &BenchArgs) -> anyhow::Result<()> {
             // The four paths in a rotating order: a process that just served a request is warmer
             // (caches, scheduler) than one that waited, and no path should always come first.
             for which in (0..4).map(|k| (k + i) % 4) {
+                if pause > Duration::ZERO {
+                    tokio::time::sleep(pause).await;
+                }
                 match which {
                     0 | 1 => {
                         // The provider's own request, to the simulator or through the relay.
@@ -925,15 +988,19 @@ async fn providers(runs: usize, args: &BenchArgs) -> anyhow::Result<()> {
                 "| {provider} | {name} | {} | {} | {} | {} |",
                 us(percentile(ttft, 0.5)),
                 us(percentile(ttft, 0.99)),
-                us(percentile(tok, 0.5)),
-                us(percentile(tok, 0.99))
+                us_of(tok, 0.5),
+                us_of(tok, 0.99)
             );
         }
         summary.push(format!(
             "| {provider} | {} | {} | {} | {} | {} | {} | {} |",
             added(&s_ttft, &d_ttft, 0.5),
             added(&s_ttft, &d_ttft, 0.99),
-            added(&s_tok, &d_tok, 0.5),
+            if s_tok.is_empty() {
+                "—".to_string()
+            } else {
+                added(&s_tok, &d_tok, 0.5)
+            },
             added(&r_ttft, &d_ttft, 0.5),
             added(&r_ttft, &d_ttft, 0.99),
             added(&s_ttft, &r_ttft, 0.5),
