@@ -99,16 +99,30 @@ struct Appender {
 }
 
 impl Appender {
+    /// The next event: shown to subscribers first (the first token's path), then queued to the
+    /// store.
     fn append(&mut self, body: &EventBody) {
+        let frame = self.encode(body);
+        self.publish(frame.clone());
+        self.store(frame);
+    }
+
+    fn encode(&mut self, body: &EventBody) -> Frame {
         self.seq += 1;
-        let frame = Frame::encode(&self.handle.id, self.seq, body);
-        let kind = frame.kind();
-        self.handle.log.push(frame.clone());
+        Frame::encode(&self.handle.id, self.seq, body)
+    }
+
+    fn store(&self, frame: Frame) {
         self.inner.store.append_event(
             self.handle.id.clone(),
             self.handle.message_id.clone(),
             frame,
         );
+    }
+
+    fn publish(&mut self, frame: Frame) {
+        let kind = frame.kind();
+        self.handle.log.push(frame);
         let now = Instant::now();
         if let Some(prev) = self.last_append.replace(now) {
             self.inner.metrics.chunk_latency.observe(now - prev);
@@ -156,57 +170,50 @@ impl RunTask {
         self.inner
             .keep_history(&handle.owner, &handle.thread_id, kept.filter(|_| completed));
         let duration_ms = self.accepted.elapsed().as_secs_f64() * 1000.0;
-        let (status, message_status, outcome, error) = match ending {
-            Ok(Ending::Completed) | Ok(Ending::Stopped) => {
-                out.append(&EventBody::RunCompleted {
+        let (terminal, status, message_status, outcome, error) = match ending {
+            Ok(Ending::Completed) | Ok(Ending::Stopped) => (
+                EventBody::RunCompleted {
                     usage,
                     time_to_first_token_ms: ttft,
                     duration_ms,
                     stop_reason: stop_reason.clone(),
-                });
-                (
-                    RunStatus::Completed,
-                    MessageStatus::Complete,
-                    Outcome::Completed,
-                    None,
-                )
-            }
+                },
+                RunStatus::Completed,
+                MessageStatus::Complete,
+                Outcome::Completed,
+                None,
+            ),
             Ok(Ending::Failed(error)) => {
                 out.append(&EventBody::Error {
                     error: error.clone(),
                 });
-                out.append(&EventBody::RunFailed {
-                    error: error.clone(),
-                });
                 (
+                    EventBody::RunFailed {
+                        error: error.clone(),
+                    },
                     RunStatus::Failed,
                     MessageStatus::Incomplete,
                     Outcome::Failed,
                     Some(error),
                 )
             }
-            Err(StopReason::Cancelled(reason)) => {
-                out.append(&EventBody::RunCancelled { reason });
-                (
-                    RunStatus::Cancelled,
-                    MessageStatus::Incomplete,
-                    Outcome::Cancelled,
-                    None,
-                )
-            }
-            Err(StopReason::Shutdown) => {
-                let durable_seq = out.seq;
-                out.append(&EventBody::RunInterrupted {
+            Err(StopReason::Cancelled(reason)) => (
+                EventBody::RunCancelled { reason },
+                RunStatus::Cancelled,
+                MessageStatus::Incomplete,
+                Outcome::Cancelled,
+                None,
+            ),
+            Err(StopReason::Shutdown) => (
+                EventBody::RunInterrupted {
                     reason: "the server shut down while the run was in flight".into(),
-                    durable_seq,
-                });
-                (
-                    RunStatus::Interrupted,
-                    MessageStatus::Incomplete,
-                    Outcome::Interrupted,
-                    None,
-                )
-            }
+                    durable_seq: out.seq,
+                },
+                RunStatus::Interrupted,
+                MessageStatus::Incomplete,
+                Outcome::Interrupted,
+                None,
+            ),
         };
         // An artifact whose creating call never ran was never made: drop its intermediate state.
         let abandoned: Vec<String> = self
@@ -217,6 +224,11 @@ impl RunTask {
         for id in abandoned {
             self.inner.store.discard_artifact_draft(id);
         }
+        // The terminal event and the run's end go to the store before the event reaches the log:
+        // whatever its subscribers do once they see the run ended (a queued run on the thread
+        // reads the history, `wait` flushes and reads the message) is queued after them.
+        let terminal = out.encode(&terminal);
+        out.store(terminal.clone());
         let _ = handle.outcome.set((status, usage, ttft, error.clone()));
         let _ = handle.ended.set(Instant::now());
         self.inner.store.finish_run(RunEnd {
@@ -230,6 +242,7 @@ impl RunTask {
             ended_at: now_ms(),
             turns: (!turns.is_empty()).then(|| crate::turns::to_json(&turns).to_string()),
         });
+        out.publish(terminal);
         if let Ok(mut busy) = self.inner.busy.lock()
             && let Some(queue) = busy.get_mut(&handle.thread_id)
         {

@@ -447,3 +447,42 @@ async fn cors_allows_the_configured_origins_only() {
         .expect("get");
     assert_eq!(h(&get, "access-control-allow-origin"), "");
 }
+
+/// `POST …/runs/wait` answers once the run ended, with the run and its message as they ended:
+/// never a run still "running" or a message still "streaming". The run's end is queued to the
+/// store before its terminal event wakes the waiter, which on two worker threads runs at once and
+/// flushes the store before reading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waited_run_answers_with_the_run_and_message_as_they_ended() {
+    let server = TestServer::start(Opts {
+        tokens_per_sec: 0.0,
+        history_cache: false,
+        ..Opts::default()
+    })
+    .await;
+    let mut thread: Option<String> = None;
+    for i in 0..40 {
+        let path = match &thread {
+            Some(t) => format!("/v1/threads/{t}/runs/wait"),
+            None => "/v1/runs/wait".to_string(),
+        };
+        let (status, v) = call(
+            reqwest::Method::POST,
+            format!("{}{path}", server.url),
+            None,
+            Some(format!("{{\"content\":\"hello {i}\"}}").into_bytes()),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["run"]["status"], "completed", "run {i}: {v}");
+        assert_eq!(v["message"]["status"], "complete", "run {i}: {v}");
+        assert!(
+            v["message"]["content"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty()),
+            "run {i}: {v}"
+        );
+        thread = v["run"]["thread_id"].as_str().map(str::to_string);
+        assert!(thread.is_some(), "{v}");
+    }
+}
