@@ -93,14 +93,21 @@ describe("the web page", () => {
       () =>
         new Promise((resolve) => {
           const lengths = [];
+          // Each time the text got shorter: the lengths and the text's ends on both sides.
+          const shrinks = [];
+          let previous = "";
           const started = performance.now();
           const tick = () => {
             const all = document.querySelectorAll(".msg.assistant");
             const last = all[all.length - 1];
             const text = [...(last?.querySelectorAll(".answer") ?? [])].map((a) => a.textContent).join("");
             if (lengths[lengths.length - 1] !== text.length) lengths.push(text.length);
+            if (text.length < previous.length && text.length > 0) {
+              shrinks.push({ from: previous.length, to: text.length, before: previous.slice(-80), after: text.slice(-80) });
+            }
+            previous = text;
             const s = last?.getAttribute("data-status");
-            if ((s && s !== "streaming") || performance.now() - started > 30_000) resolve(lengths);
+            if ((s && s !== "streaming") || performance.now() - started > 30_000) resolve({ lengths, shrinks });
             else requestAnimationFrame(tick);
           };
           tick();
@@ -110,11 +117,14 @@ describe("the web page", () => {
     await page.waitForSelector(".msg.assistant .thinking:not([hidden])");
     await waitAnswerLength(page, 40);
     await shot(page, "01-streaming");
-    const lengths = await samples;
+    const { lengths, shrinks } = await samples;
     assert.equal(await waitEnded(page), "complete");
     const distinct = lengths.filter((n) => n > 0);
     assert.ok(distinct.length >= 10, `the answer should appear in many paints, saw lengths ${JSON.stringify(lengths)}`);
-    assert.ok(distinct.every((n, i) => i === 0 || n > distinct[i - 1]), "the text only grows while streaming");
+    assert.ok(
+      distinct.every((n, i) => i === 0 || n > distinct[i - 1]),
+      `the text only grows while streaming; it shrank: ${JSON.stringify(shrinks)}; lengths ${JSON.stringify(lengths)}`,
+    );
     const thinking = await page.textContent(".msg.assistant .thinking .reasoning");
     assert.match(thinking, /demo model/);
     const toolState = await page.getAttribute(".msg.assistant .tool", "data-state");
