@@ -249,16 +249,14 @@ impl SqliteStore {
     /// Queues a write; the first of a burst arms the timer that hands the burst to the writer.
     fn submit(&self, op: Op) {
         self.shared.depth.fetch_add(1, Ordering::Relaxed);
-        let arm = {
-            let mut q = self.shared.lock();
-            q.ops.push(op);
-            !std::mem::replace(&mut q.armed, true)
-        };
-        if !arm {
+        let mut q = self.shared.lock();
+        q.ops.push(op);
+        if std::mem::replace(&mut q.armed, true) {
             return;
         }
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
+                drop(q);
                 // The runtime's timer costs no thread wake-up now; the writer is woken from the
                 // timer, off this task's path.
                 let ready = ReadyOnDrop(self.shared.clone());
@@ -268,7 +266,8 @@ impl SqliteStore {
                 });
             }
             Err(_) => {
-                self.shared.lock().deadline = Some(Instant::now() + COMMIT_DELAY);
+                q.deadline = Some(Instant::now() + COMMIT_DELAY);
+                drop(q);
                 self.shared.wake.notify_one();
             }
         }
@@ -501,18 +500,16 @@ fn apply_batch(conn: &mut Connection, batch: &mut Vec<Op>) -> Result<(), StoreEr
                 message_id,
                 frame,
             } => {
-                let res = tx
-                    .prepare_cached(
-                        "INSERT OR IGNORE INTO events (run_id, seq, type, data) VALUES (?1, ?2, ?3, ?4)",
-                    )
-                    .and_then(|mut st| {
-                        st.execute(params![
-                            &*run_id,
-                            frame.seq() as i64,
-                            frame.kind().as_str(),
-                            &frame.json()[..]
-                        ])
-                    });
+                let res = exec(
+                    &tx,
+                    "INSERT OR IGNORE INTO events (run_id, seq, type, data) VALUES (?1, ?2, ?3, ?4)",
+                    params![
+                        &*run_id,
+                        frame.seq() as i64,
+                        frame.kind().as_str(),
+                        &frame.json()[..]
+                    ],
+                );
                 if let Err(err) = res {
                     tracing::error!(error = %err, run_id = %run_id, seq = frame.seq(), "event not stored");
                     continue;
@@ -632,17 +629,21 @@ fn flush_progress(
 ) {
     for (message_id, cp) in checkpoints.drain() {
         log_err(
-            tx.prepare_cached(
+            exec(
+                tx,
                 "UPDATE messages SET content = content || ?2, reasoning = reasoning || ?3 WHERE id = ?1",
-            )
-            .and_then(|mut st| st.execute(params![&*message_id, cp.content, cp.reasoning])),
+                params![&*message_id, cp.content, cp.reasoning],
+            ),
             "message checkpoint",
         );
     }
     for (run_id, seq) in last_seq.drain() {
         log_err(
-            tx.prepare_cached("UPDATE runs SET last_seq = MAX(last_seq, ?2) WHERE id = ?1")
-                .and_then(|mut st| st.execute(params![&*run_id, seq as i64])),
+            exec(
+                tx,
+                "UPDATE runs SET last_seq = MAX(last_seq, ?2) WHERE id = ?1",
+                params![&*run_id, seq as i64],
+            ),
             "run last_seq",
         );
     }
@@ -718,15 +719,7 @@ fn get_thread(
 ) -> Result<Option<ThreadView>, StoreError> {
     let thread = tx
         .prepare_cached("SELECT id, title, created_at FROM threads WHERE id = ?1 AND owner = ?2")?
-        .query_row(params![id, owner], |row| {
-            Ok(ThreadView {
-                id: row.get(0)?,
-                title: row.get(1)?,
-                created_at: row.get(2)?,
-                messages: None,
-                artifacts: None,
-            })
-        })
+        .query_row(params![id, owner], thread_row)
         .optional()?;
     let Some(mut thread) = thread else {
         return Ok(None);
@@ -787,15 +780,7 @@ fn list_threads(
         "SELECT id, title, created_at FROM threads WHERE owner = ?1
          ORDER BY created_at DESC, id DESC LIMIT ?2",
     )?;
-    let rows = stmt.query_map(params![owner, limit], |row| {
-        Ok(ThreadView {
-            id: row.get(0)?,
-            title: row.get(1)?,
-            created_at: row.get(2)?,
-            messages: None,
-            artifacts: None,
-        })
-    })?;
+    let rows = stmt.query_map(params![owner, limit], thread_row)?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
 
@@ -870,6 +855,17 @@ fn get_run(tx: &Transaction<'_>, owner: &str, id: &str) -> Result<Option<StoredR
 }
 
 type ArtifactResult = Result<ArtifactView, StoreError>;
+
+/// A thread without its messages and artifacts, from `SELECT id, title, created_at`.
+fn thread_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ThreadView> {
+    Ok(ThreadView {
+        id: row.get(0)?,
+        title: row.get(1)?,
+        created_at: row.get(2)?,
+        messages: None,
+        artifacts: None,
+    })
+}
 
 fn artifact_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ArtifactResult> {
     let id: String = row.get(0)?;
