@@ -68,36 +68,34 @@ impl SseParser {
     }
 
     fn scan(&mut self, bytes: &[u8], out: &mut Vec<SseEvent>) {
+        if bytes.is_empty() {
+            return;
+        }
         let mut start = 0;
-        let mut i = 0;
-        while i < bytes.len() {
-            let b = bytes[i];
-            if self.after_cr {
-                self.after_cr = false;
-                if b == b'\n' && i == start && self.line.is_empty() {
-                    i += 1;
-                    start = i;
-                    continue;
-                }
-            }
-            if b == b'\n' || b == b'\r' {
-                self.line.extend_from_slice(&bytes[start..i]);
+        if std::mem::take(&mut self.after_cr) && bytes[0] == b'\n' {
+            // The LF of a CRLF split between reads.
+            start = 1;
+        }
+        while let Some(pos) = memchr::memchr2(b'\n', b'\r', &bytes[start..]) {
+            let end = start + pos;
+            if self.line.is_empty() {
+                self.process_line(&bytes[start..end], out);
+            } else {
+                self.line.extend_from_slice(&bytes[start..end]);
                 let line = std::mem::take(&mut self.line);
                 self.process_line(&line, out);
-                if b == b'\r' {
-                    if i + 1 < bytes.len() {
-                        if bytes[i + 1] == b'\n' {
-                            i += 1;
-                        }
-                    } else {
-                        self.after_cr = true;
-                    }
-                }
-                i += 1;
-                start = i;
-                continue;
+                // Keep the buffer's capacity for the next partial line.
+                self.line = line;
+                self.line.clear();
             }
-            i += 1;
+            start = end + 1;
+            if bytes[end] == b'\r' {
+                match bytes.get(start) {
+                    Some(b'\n') => start += 1,
+                    Some(_) => {}
+                    None => self.after_cr = true,
+                }
+            }
         }
         self.line.extend_from_slice(&bytes[start..]);
     }
@@ -110,7 +108,11 @@ impl SseParser {
         if line[0] == b':' {
             return;
         }
-        let text = String::from_utf8_lossy(line);
+        // Valid UTF-8 (nearly always) is checked word by word and borrowed.
+        let text = match std::str::from_utf8(line) {
+            Ok(text) => std::borrow::Cow::Borrowed(text),
+            Err(_) => String::from_utf8_lossy(line),
+        };
         let (field, value) = match text.find(':') {
             Some(pos) => {
                 let v = &text[pos + 1..];
