@@ -11,7 +11,10 @@ use std::collections::HashMap;
 
 use sluice_protocol::{ErrorCode, Usage};
 
-use crate::decode::{Decoder, Flow, error_from, parse_json, str_field, u64_at};
+use serde::Deserialize;
+
+use crate::decode::{Decoder, Flow, error_from, malformed, parse_json};
+use crate::lenient::{Num, Obj, Str};
 use crate::{ChatMessage, ModelEvent, ProviderError, Role, ToolSpec};
 
 #[derive(Debug)]
@@ -33,6 +36,69 @@ pub struct AnthropicDecoder {
     stop_reason: Option<String>,
 }
 
+/// The fields of an event the decoder reads; the rest are skipped unread.
+#[derive(Deserialize)]
+struct Event<'a> {
+    #[serde(default, borrow, rename = "type")]
+    kind: Str<'a>,
+    #[serde(default)]
+    index: Num,
+    #[serde(default)]
+    message: Obj<MessageStart>,
+    #[serde(default, borrow)]
+    content_block: Obj<ContentBlock<'a>>,
+    #[serde(default, borrow)]
+    delta: Obj<Delta<'a>>,
+    #[serde(default)]
+    usage: Obj<AnthropicUsage>,
+}
+
+#[derive(Deserialize)]
+struct MessageStart {
+    #[serde(default)]
+    usage: Obj<AnthropicUsage>,
+}
+
+#[derive(Deserialize)]
+struct AnthropicUsage {
+    #[serde(default)]
+    input_tokens: Num,
+    #[serde(default)]
+    cache_creation_input_tokens: Num,
+    #[serde(default)]
+    cache_read_input_tokens: Num,
+    #[serde(default)]
+    output_tokens: Num,
+}
+
+#[derive(Deserialize)]
+struct ContentBlock<'a> {
+    #[serde(default, borrow, rename = "type")]
+    kind: Str<'a>,
+    #[serde(default, borrow)]
+    text: Str<'a>,
+    #[serde(default, borrow)]
+    id: Str<'a>,
+    #[serde(default, borrow)]
+    name: Str<'a>,
+}
+
+/// A content block's delta (`text_delta`, `thinking_delta`, `input_json_delta`, …) or the
+/// message's (`stop_reason`).
+#[derive(Deserialize)]
+struct Delta<'a> {
+    #[serde(default, borrow, rename = "type")]
+    kind: Str<'a>,
+    #[serde(default, borrow)]
+    text: Str<'a>,
+    #[serde(default, borrow)]
+    thinking: Str<'a>,
+    #[serde(default, borrow)]
+    partial_json: Str<'a>,
+    #[serde(default, borrow)]
+    stop_reason: Str<'a>,
+}
+
 impl Decoder for AnthropicDecoder {
     fn message(
         &mut self,
@@ -40,34 +106,72 @@ impl Decoder for AnthropicDecoder {
         data: &str,
         out: &mut Vec<ModelEvent>,
     ) -> Result<Flow, ProviderError> {
-        let v = parse_json("Anthropic", data)?;
-        let kind = v.get("type").and_then(|t| t.as_str()).unwrap_or(event);
-        let index = v.get("index").and_then(|i| i.as_u64()).unwrap_or(0);
+        let v = match serde_json::from_str::<Event>(data) {
+            Ok(v) => v,
+            // JSON the typed reading refused (a repeated key): read it whole.
+            Err(_) => {
+                let whole = parse_json("Anthropic", data)?;
+                let v = Event::deserialize(&whole).map_err(|e| malformed("Anthropic", data, e))?;
+                return self.event(v, event, data, out);
+            }
+        };
+        self.event(v, event, data, out)
+    }
+
+    fn end(&mut self, out: &mut Vec<ModelEvent>) -> Result<(), ProviderError> {
+        // A stop reason (message_delta) means the message is complete even if the connection
+        // closed before message_stop was dispatched.
+        if self.stop_reason.is_some() {
+            self.finish(out);
+            return Ok(());
+        }
+        Err(ProviderError::new(
+            ErrorCode::UpstreamError,
+            "the Anthropic stream ended before message_stop",
+        ))
+    }
+}
+
+impl AnthropicDecoder {
+    fn event(
+        &mut self,
+        v: Event<'_>,
+        event: &str,
+        data: &str,
+        out: &mut Vec<ModelEvent>,
+    ) -> Result<Flow, ProviderError> {
+        let kind = v.kind.get().unwrap_or(event);
+        let index = v.index.or0();
         match kind {
             "message_start" => {
-                let u = v
-                    .get("message")
-                    .and_then(|m| m.get("usage"))
-                    .cloned()
-                    .unwrap_or_default();
-                self.usage.input_tokens = u64_at(&u, &["input_tokens"])
-                    + u64_at(&u, &["cache_creation_input_tokens"])
-                    + u64_at(&u, &["cache_read_input_tokens"]);
-                self.usage.output_tokens = u64_at(&u, &["output_tokens"]);
+                if let Some(u) = v.message.0.and_then(|m| m.usage.0) {
+                    self.usage.input_tokens = u.input_tokens.or0()
+                        + u.cache_creation_input_tokens.or0()
+                        + u.cache_read_input_tokens.or0();
+                    self.usage.output_tokens = u.output_tokens.or0();
+                }
             }
             "content_block_start" => {
-                let block = v.get("content_block").cloned().unwrap_or_default();
-                let b = match block.get("type").and_then(|t| t.as_str()) {
+                let block = v.content_block.0;
+                let b = match block.as_ref().and_then(|b| b.kind.get()) {
                     Some("text") => {
-                        if let Some(t) = str_field(&block, "text") {
+                        if let Some(t) = block.as_ref().and_then(|b| b.text.get()) {
                             out.push(ModelEvent::TextDelta(t.to_string()));
                         }
                         Block::Text
                     }
                     Some("thinking") => Block::Thinking,
                     Some("tool_use") | Some("server_tool_use") => Block::Tool {
-                        id: str_field(&block, "id").unwrap_or_default().to_string(),
-                        name: str_field(&block, "name").unwrap_or_default().to_string(),
+                        id: block
+                            .as_ref()
+                            .and_then(|b| b.id.get())
+                            .unwrap_or_default()
+                            .to_string(),
+                        name: block
+                            .as_ref()
+                            .and_then(|b| b.name.get())
+                            .unwrap_or_default()
+                            .to_string(),
                         input: String::new(),
                     },
                     _ => Block::Other,
@@ -75,23 +179,22 @@ impl Decoder for AnthropicDecoder {
                 self.blocks.insert(index, b);
             }
             "content_block_delta" => {
-                let delta = v.get("delta").cloned().unwrap_or_default();
-                match (
-                    delta.get("type").and_then(|t| t.as_str()),
-                    self.blocks.get_mut(&index),
-                ) {
+                let Some(delta) = v.delta.0 else {
+                    return Ok(Flow::More);
+                };
+                match (delta.kind.get(), self.blocks.get_mut(&index)) {
                     (Some("text_delta"), _) => {
-                        if let Some(t) = str_field(&delta, "text") {
+                        if let Some(t) = delta.text.get() {
                             out.push(ModelEvent::TextDelta(t.to_string()));
                         }
                     }
                     (Some("thinking_delta"), _) => {
-                        if let Some(t) = str_field(&delta, "thinking") {
+                        if let Some(t) = delta.thinking.get() {
                             out.push(ModelEvent::ReasoningDelta(t.to_string()));
                         }
                     }
                     (Some("input_json_delta"), Some(Block::Tool { id, name, input })) => {
-                        if let Some(p) = str_field(&delta, "partial_json") {
+                        if let Some(p) = delta.partial_json.get() {
                             input.push_str(p);
                             out.push(ModelEvent::FunctionCallDelta {
                                 call_id: id.clone(),
@@ -115,11 +218,11 @@ impl Decoder for AnthropicDecoder {
                 _ => {}
             },
             "message_delta" => {
-                if let Some(r) = v.get("delta").and_then(|d| str_field(d, "stop_reason")) {
+                if let Some(r) = v.delta.0.as_ref().and_then(|d| d.stop_reason.get()) {
                     self.stop_reason = Some(r.to_string());
                 }
-                if let Some(u) = v.get("usage") {
-                    let output = u64_at(u, &["output_tokens"]);
+                if let Some(u) = v.usage.0 {
+                    let output = u.output_tokens.or0();
                     if output > 0 {
                         self.usage.output_tokens = output;
                     }
@@ -129,27 +232,13 @@ impl Decoder for AnthropicDecoder {
                 self.finish(out);
                 return Ok(Flow::Done);
             }
-            "error" => return Err(error_from("Anthropic", &v)),
+            // Rare: the error object is read whole.
+            "error" => return Err(error_from("Anthropic", &parse_json("Anthropic", data)?)),
             _ => {}
         }
         Ok(Flow::More)
     }
 
-    fn end(&mut self, out: &mut Vec<ModelEvent>) -> Result<(), ProviderError> {
-        // A stop reason (message_delta) means the message is complete even if the connection
-        // closed before message_stop was dispatched.
-        if self.stop_reason.is_some() {
-            self.finish(out);
-            return Ok(());
-        }
-        Err(ProviderError::new(
-            ErrorCode::UpstreamError,
-            "the Anthropic stream ended before message_stop",
-        ))
-    }
-}
-
-impl AnthropicDecoder {
     fn finish(&mut self, out: &mut Vec<ModelEvent>) {
         self.usage.total_tokens = self.usage.input_tokens + self.usage.output_tokens;
         out.push(ModelEvent::Usage(self.usage));
@@ -316,6 +405,34 @@ mod tests {
             e.code.retryable() && e.message.contains("overloaded_error"),
             "{}",
             e.message
+        );
+    }
+
+    /// Fields of unexpected types read as absent, a repeated key counts once (the last), escaped
+    /// text is unescaped: the event is read, not refused.
+    #[test]
+    fn odd_but_readable_events_are_read_not_refused() {
+        let odd = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":\"9\",\"output_tokens\":1}}}\n\n",
+            "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":5}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Caf\\u00e9 \\\"x\\\"\"}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"first\",\"text\":\" last\"}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":[\"not\",\"an object\"]}\n\n",
+            "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":4}}\n\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        );
+        let (events, res) = decode_every_split(Framing::Sse, &make, odd.as_bytes());
+        res.expect("odd events decode");
+        assert_eq!(summarize(&events).0, "Caf\u{e9} \"x\" last");
+        assert!(
+            events.contains(&ModelEvent::Usage(Usage {
+                input_tokens: 0,
+                output_tokens: 4,
+                reasoning_tokens: 0,
+                total_tokens: 4,
+            })),
+            "{events:?}"
         );
     }
 

@@ -154,13 +154,16 @@ impl EventName for sluice_protocol::sse::SseEvent {
 
 /// Parses one message's JSON, or says clearly what was wrong.
 pub(crate) fn parse_json(provider: &str, data: &str) -> Result<serde_json::Value, ProviderError> {
-    serde_json::from_str(data).map_err(|e| {
-        let snippet: String = data.chars().take(120).collect();
-        ProviderError::new(
-            ErrorCode::UpstreamError,
-            format!("malformed chunk from {provider}: {e} in {snippet:?}"),
-        )
-    })
+    serde_json::from_str(data).map_err(|e| malformed(provider, data, e))
+}
+
+/// The error for a chunk that could not be read, naming what was wrong and where.
+pub(crate) fn malformed(provider: &str, data: &str, e: impl std::fmt::Display) -> ProviderError {
+    let snippet: String = data.chars().take(120).collect();
+    ProviderError::new(
+        ErrorCode::UpstreamError,
+        format!("malformed chunk from {provider}: {e} in {snippet:?}"),
+    )
 }
 
 /// Maps a provider's error type or code to a stable code.
@@ -192,24 +195,6 @@ pub(crate) fn error_from(provider: &str, v: &serde_json::Value) -> ProviderError
         .and_then(|m| m.as_str())
         .unwrap_or("no message");
     ProviderError::new(classify(kind), format!("{provider} {kind}: {message}"))
-}
-
-/// Reads a string field, treating absent, null and empty alike.
-pub(crate) fn str_field<'a>(v: &'a serde_json::Value, key: &str) -> Option<&'a str> {
-    v.get(key)
-        .and_then(|s| s.as_str())
-        .filter(|s| !s.is_empty())
-}
-
-pub(crate) fn u64_at(v: &serde_json::Value, path: &[&str]) -> u64 {
-    let mut cur = v;
-    for p in path {
-        match cur.get(p) {
-            Some(next) => cur = next,
-            None => return 0,
-        }
-    }
-    cur.as_u64().unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub mod decode;
 pub mod demo;
 pub mod h1;
 pub mod http;
+mod lenient;
 pub mod ollama;
 pub mod openai_chat;
 pub mod openai_responses;

@@ -5,7 +5,10 @@
 
 use sluice_protocol::{ErrorCode, Usage};
 
-use crate::decode::{Decoder, Flow, parse_json, str_field, u64_at};
+use serde::Deserialize;
+
+use crate::decode::{Decoder, Flow, malformed, parse_json};
+use crate::lenient::{Flag, List, Num, Obj, Present, Str};
 use crate::{ChatMessage, ModelEvent, ProviderError, Role, ToolSpec};
 
 #[derive(Debug, Default)]
@@ -15,15 +18,17 @@ pub struct OllamaDecoder {
     calls: u32,
 }
 
-impl Decoder for OllamaDecoder {
-    fn message(
+impl OllamaDecoder {
+    fn line(
         &mut self,
-        _event: &str,
+        v: Line<'_>,
         data: &str,
         out: &mut Vec<ModelEvent>,
     ) -> Result<Flow, ProviderError> {
-        let v = parse_json("Ollama", data)?;
-        if let Some(err) = v.get("error") {
+        if v.error.0 {
+            // Rare: the error is read whole.
+            let whole = parse_json("Ollama", data)?;
+            let err = whole.get("error").cloned().unwrap_or_default();
             let msg = err
                 .as_str()
                 .map(str::to_string)
@@ -33,12 +38,14 @@ impl Decoder for OllamaDecoder {
                 format!("Ollama: {msg}"),
             ));
         }
-        let message = v.get("message").cloned().unwrap_or_default();
-        if let Some(t) = str_field(&message, "thinking").or_else(|| str_field(&v, "thinking")) {
+        let message = v.message.0;
+        let thinking = message.as_ref().and_then(|m| m.thinking.get());
+        if let Some(t) = thinking.or(v.thinking.get()) {
             self.reasoning_open = true;
             out.push(ModelEvent::ReasoningDelta(t.to_string()));
         }
-        if let Some(t) = str_field(&message, "content").or_else(|| str_field(&v, "response")) {
+        let content = message.as_ref().and_then(|m| m.content.get());
+        if let Some(t) = content.or(v.response.get()) {
             if self.reasoning_open {
                 self.reasoning_open = false;
                 out.push(ModelEvent::ReasoningDone);
@@ -46,53 +53,124 @@ impl Decoder for OllamaDecoder {
             self.text_open = true;
             out.push(ModelEvent::TextDelta(t.to_string()));
         }
-        if let Some(calls) = message.get("tool_calls").and_then(|c| c.as_array()) {
-            for call in calls {
-                let function = call.get("function").cloned().unwrap_or_default();
-                let call_id = str_field(call, "id")
-                    .map(str::to_string)
-                    .unwrap_or_else(|| format!("call_{}", self.calls));
-                self.calls += 1;
-                let name = str_field(&function, "name").unwrap_or_default().to_string();
-                let arguments = match function.get("arguments") {
-                    Some(serde_json::Value::String(s)) => s.clone(),
-                    Some(a) => a.to_string(),
-                    None => "{}".to_string(),
-                };
-                // Ollama sends a call whole: one fragment, then done.
-                out.push(ModelEvent::FunctionCallDelta {
-                    call_id: call_id.clone(),
-                    name: name.clone(),
-                    delta: arguments.clone(),
-                });
-                out.push(ModelEvent::FunctionCallDone {
-                    call_id,
-                    name,
-                    arguments,
-                });
-            }
+        for call in message.into_iter().flat_map(|m| m.tool_calls.0) {
+            let call_id = call
+                .id
+                .get()
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("call_{}", self.calls));
+            self.calls += 1;
+            let function = call.function.0;
+            let name = function
+                .as_ref()
+                .and_then(|f| f.name.get())
+                .unwrap_or_default()
+                .to_string();
+            let arguments = match function.and_then(|f| f.arguments) {
+                Some(serde_json::Value::String(s)) => s,
+                Some(serde_json::Value::Null) | None => "{}".to_string(),
+                Some(a) => a.to_string(),
+            };
+            // Ollama sends a call whole: one fragment, then done.
+            out.push(ModelEvent::FunctionCallDelta {
+                call_id: call_id.clone(),
+                name: name.clone(),
+                delta: arguments.clone(),
+            });
+            out.push(ModelEvent::FunctionCallDone {
+                call_id,
+                name,
+                arguments,
+            });
         }
-        if v.get("done").and_then(|d| d.as_bool()) == Some(true) {
+        if v.done.0 {
             if self.reasoning_open {
                 out.push(ModelEvent::ReasoningDone);
             }
             if self.text_open {
                 out.push(ModelEvent::TextDone);
             }
-            let input = u64_at(&v, &["prompt_eval_count"]);
-            let output = u64_at(&v, &["eval_count"]);
+            let input = v.prompt_eval_count.or0();
+            let output = v.eval_count.or0();
             out.push(ModelEvent::Usage(Usage {
                 input_tokens: input,
                 output_tokens: output,
                 reasoning_tokens: 0,
                 total_tokens: input + output,
             }));
-            if let Some(r) = str_field(&v, "done_reason") {
+            if let Some(r) = v.done_reason.get() {
                 out.push(ModelEvent::StopReason(r.to_string()));
             }
             return Ok(Flow::Done);
         }
         Ok(Flow::More)
+    }
+}
+
+/// The fields of a line the decoder reads; the rest are skipped unread.
+#[derive(Deserialize)]
+struct Line<'a> {
+    #[serde(default)]
+    error: Present,
+    #[serde(default, borrow)]
+    message: Obj<Message<'a>>,
+    #[serde(default, borrow)]
+    thinking: Str<'a>,
+    #[serde(default, borrow)]
+    response: Str<'a>,
+    #[serde(default)]
+    done: Flag,
+    #[serde(default)]
+    prompt_eval_count: Num,
+    #[serde(default)]
+    eval_count: Num,
+    #[serde(default, borrow)]
+    done_reason: Str<'a>,
+}
+
+#[derive(Deserialize)]
+struct Message<'a> {
+    #[serde(default, borrow)]
+    thinking: Str<'a>,
+    #[serde(default, borrow)]
+    content: Str<'a>,
+    #[serde(default, borrow)]
+    tool_calls: List<ToolCall<'a>>,
+}
+
+#[derive(Deserialize)]
+struct ToolCall<'a> {
+    #[serde(default, borrow)]
+    id: Str<'a>,
+    #[serde(default, borrow)]
+    function: Obj<Function<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Function<'a> {
+    #[serde(default, borrow)]
+    name: Str<'a>,
+    /// An object in Ollama's own API; some servers send it as a JSON string.
+    #[serde(default)]
+    arguments: Option<serde_json::Value>,
+}
+
+impl Decoder for OllamaDecoder {
+    fn message(
+        &mut self,
+        _event: &str,
+        data: &str,
+        out: &mut Vec<ModelEvent>,
+    ) -> Result<Flow, ProviderError> {
+        match serde_json::from_str::<Line>(data) {
+            Ok(line) => self.line(line, data, out),
+            // JSON the typed reading refused (a repeated key): read it whole.
+            Err(_) => {
+                let whole = parse_json("Ollama", data)?;
+                let line = Line::deserialize(&whole).map_err(|e| malformed("Ollama", data, e))?;
+                self.line(line, data, out)
+            }
+        }
     }
 
     fn end(&mut self, _out: &mut Vec<ModelEvent>) -> Result<(), ProviderError> {
@@ -149,6 +227,37 @@ mod tests {
         "{\"model\":\"qwen3\",\"created_at\":\"2025-05-01T00:00:00Z\",\"message\":{\"role\":\"assistant\",\"content\":\"\",\"tool_calls\":[{\"function\":{\"name\":\"get_weather\",\"arguments\":{\"city\":\"Tokyo\"}}},{\"function\":{\"name\":\"get_time\",\"arguments\":{\"tz\":\"JST\"}}}]},\"done\":false}\n",
         "{\"model\":\"qwen3\",\"created_at\":\"2025-05-01T00:00:00Z\",\"message\":{\"role\":\"assistant\",\"content\":\"\"},\"done_reason\":\"stop\",\"done\":true,\"total_duration\":1,\"prompt_eval_count\":26,\"eval_count\":18}\n",
     );
+
+    /// Fields of unexpected types read as absent, a repeated key counts once (the last), a
+    /// `done` that is not `true` does not end the stream, arguments sent as a JSON string pass as
+    /// they are: read, not refused.
+    #[test]
+    fn odd_but_readable_lines_are_read_not_refused() {
+        let odd = concat!(
+            "{\"message\":{\"content\":\"Gr\\u00fc\\u00dfe \",\"thinking\":7},\"done\":\"no\"}\n",
+            "{\"message\":{\"content\":\"first\",\"content\":\"last\"},\"done\":0,\"error\":null}\n",
+            "{\"message\":{\"tool_calls\":[\"junk\",{\"function\":{\"name\":\"f\",\"arguments\":\"{\\\"a\\\":1}\"}}]},\"done\":false}\n",
+            "{\"message\":[],\"done\":true,\"prompt_eval_count\":\"3\",\"eval_count\":2}\n",
+        );
+        let (events, res) = decode_every_split(Framing::Ndjson, &make, odd.as_bytes());
+        res.expect("odd lines decode");
+        let (text, reasoning, calls) = summarize(&events);
+        assert_eq!(text, "Gr\u{fc}\u{df}e last");
+        assert_eq!(reasoning, "");
+        assert_eq!(
+            calls,
+            vec![("call_0".into(), "f".into(), "{\"a\":1}".into())]
+        );
+        assert!(
+            events.contains(&ModelEvent::Usage(Usage {
+                input_tokens: 0,
+                output_tokens: 2,
+                reasoning_tokens: 0,
+                total_tokens: 2,
+            })),
+            "{events:?}"
+        );
+    }
 
     #[test]
     fn thinking_text_parallel_tool_calls_and_counts_at_every_split() {

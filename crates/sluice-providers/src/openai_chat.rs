@@ -12,7 +12,10 @@ use std::collections::BTreeMap;
 
 use sluice_protocol::Usage;
 
-use crate::decode::{Decoder, Flow, error_from, parse_json, str_field, u64_at};
+use serde::Deserialize;
+
+use crate::decode::{Decoder, Flow, error_from, malformed, parse_json};
+use crate::lenient::{List, Num, Obj, Present, Str};
 use crate::{ChatMessage, ModelEvent, ProviderError, Role, ToolSpec};
 
 #[derive(Debug, Default)]
@@ -57,6 +60,143 @@ impl ChatDecoder {
     }
 }
 
+/// The fields of a chunk the decoder reads; the rest are skipped unread.
+#[derive(Deserialize)]
+struct Chunk<'a> {
+    #[serde(default, borrow)]
+    choices: List<Choice<'a>>,
+    #[serde(default)]
+    usage: Obj<ChatUsage>,
+    #[serde(default)]
+    error: Present,
+}
+
+#[derive(Deserialize)]
+struct Choice<'a> {
+    #[serde(default)]
+    index: Num,
+    #[serde(default, borrow)]
+    delta: Obj<Delta<'a>>,
+    #[serde(default, borrow)]
+    finish_reason: Str<'a>,
+}
+
+#[derive(Deserialize)]
+struct Delta<'a> {
+    #[serde(default, borrow)]
+    reasoning: Str<'a>,
+    #[serde(default, borrow)]
+    reasoning_content: Str<'a>,
+    #[serde(default, borrow)]
+    content: Str<'a>,
+    #[serde(default, borrow)]
+    tool_calls: List<ToolCallDelta<'a>>,
+}
+
+#[derive(Deserialize)]
+struct ToolCallDelta<'a> {
+    #[serde(default)]
+    index: Num,
+    #[serde(default, borrow)]
+    id: Str<'a>,
+    #[serde(default, borrow)]
+    function: Obj<FunctionDelta<'a>>,
+}
+
+#[derive(Deserialize)]
+struct FunctionDelta<'a> {
+    #[serde(default, borrow)]
+    name: Str<'a>,
+    #[serde(default, borrow)]
+    arguments: Str<'a>,
+}
+
+#[derive(Deserialize)]
+struct ChatUsage {
+    #[serde(default)]
+    prompt_tokens: Num,
+    #[serde(default)]
+    completion_tokens: Num,
+    #[serde(default)]
+    total_tokens: Num,
+    #[serde(default)]
+    completion_tokens_details: Obj<UsageDetails>,
+}
+
+#[derive(Deserialize)]
+struct UsageDetails {
+    #[serde(default)]
+    reasoning_tokens: Num,
+}
+
+const PROVIDER: &str = "OpenAI-compatible server";
+
+impl ChatDecoder {
+    fn chunk(&mut self, chunk: Chunk<'_>, out: &mut Vec<ModelEvent>) {
+        for choice in chunk.choices.0 {
+            if choice.index.or0() != 0 {
+                continue;
+            }
+            if let Some(delta) = choice.delta.0 {
+                self.delta(delta, out);
+            }
+            if let Some(reason) = choice.finish_reason.get() {
+                self.finish_reason = Some(reason.to_string());
+            }
+        }
+        if let Some(u) = chunk.usage.0 {
+            self.usage = Some(Usage {
+                input_tokens: u.prompt_tokens.or0(),
+                output_tokens: u.completion_tokens.or0(),
+                reasoning_tokens: u
+                    .completion_tokens_details
+                    .0
+                    .map_or(0, |d| d.reasoning_tokens.or0()),
+                total_tokens: u.total_tokens.or0(),
+            });
+        }
+    }
+
+    fn delta(&mut self, delta: Delta<'_>, out: &mut Vec<ModelEvent>) {
+        if let Some(r) = delta.reasoning.get().or(delta.reasoning_content.get()) {
+            self.reasoning_open = true;
+            out.push(ModelEvent::ReasoningDelta(r.to_string()));
+        }
+        if let Some(text) = delta.content.get() {
+            if self.reasoning_open {
+                self.reasoning_open = false;
+                out.push(ModelEvent::ReasoningDone);
+            }
+            self.text_open = true;
+            out.push(ModelEvent::TextDelta(text.to_string()));
+        }
+        for (pos, tc) in delta.tool_calls.0.into_iter().enumerate() {
+            let index = tc.index.0.unwrap_or(pos as u64);
+            let call = self.calls.entry(index).or_default();
+            if let Some(id) = tc.id.get() {
+                call.id = id.to_string();
+            }
+            if call.id.is_empty() {
+                call.id = format!("call_{index}");
+            }
+            let Some(function) = tc.function.0 else {
+                continue;
+            };
+            if let Some(name) = function.name.get() {
+                call.name.push_str(name);
+            }
+            if let Some(args) = function.arguments.get() {
+                call.arguments.push_str(args);
+                out.push(ModelEvent::FunctionCallDelta {
+                    call_id: call.id.clone(),
+                    name: call.name.clone(),
+                    delta: args.to_string(),
+                });
+            }
+        }
+    }
+}
+
 impl Decoder for ChatDecoder {
     fn message(
         &mut self,
@@ -68,72 +208,20 @@ impl Decoder for ChatDecoder {
             self.finalize(out);
             return Ok(Flow::Done);
         }
-        let v = parse_json("OpenAI-compatible server", data)?;
-        if event == "error" || v.get("error").is_some_and(|e| !e.is_null()) {
-            return Err(error_from("OpenAI-compatible server", &v));
-        }
-        if let Some(choices) = v.get("choices").and_then(|c| c.as_array()) {
-            for choice in choices {
-                if choice.get("index").and_then(|i| i.as_u64()).unwrap_or(0) != 0 {
-                    continue;
+        let chunk = match serde_json::from_str::<Chunk>(data) {
+            Ok(chunk) if event != "error" && !chunk.error.0 => chunk,
+            // An error, or JSON the typed reading refused (a repeated key): read it whole.
+            _ => {
+                let v = parse_json(PROVIDER, data)?;
+                if event == "error" || v.get("error").is_some_and(|e| !e.is_null()) {
+                    return Err(error_from(PROVIDER, &v));
                 }
-                let Some(delta) = choice.get("delta") else {
-                    continue;
-                };
-                let reasoning =
-                    str_field(delta, "reasoning").or_else(|| str_field(delta, "reasoning_content"));
-                if let Some(r) = reasoning {
-                    self.reasoning_open = true;
-                    out.push(ModelEvent::ReasoningDelta(r.to_string()));
-                }
-                if let Some(text) = str_field(delta, "content") {
-                    if self.reasoning_open {
-                        self.reasoning_open = false;
-                        out.push(ModelEvent::ReasoningDone);
-                    }
-                    self.text_open = true;
-                    out.push(ModelEvent::TextDelta(text.to_string()));
-                }
-                if let Some(calls) = delta.get("tool_calls").and_then(|t| t.as_array()) {
-                    for (pos, tc) in calls.iter().enumerate() {
-                        let index = tc
-                            .get("index")
-                            .and_then(|i| i.as_u64())
-                            .unwrap_or(pos as u64);
-                        let call = self.calls.entry(index).or_default();
-                        if let Some(id) = str_field(tc, "id") {
-                            call.id = id.to_string();
-                        }
-                        if call.id.is_empty() {
-                            call.id = format!("call_{index}");
-                        }
-                        let function = tc.get("function");
-                        if let Some(name) = function.and_then(|f| str_field(f, "name")) {
-                            call.name.push_str(name);
-                        }
-                        if let Some(args) = function.and_then(|f| str_field(f, "arguments")) {
-                            call.arguments.push_str(args);
-                            out.push(ModelEvent::FunctionCallDelta {
-                                call_id: call.id.clone(),
-                                name: call.name.clone(),
-                                delta: args.to_string(),
-                            });
-                        }
-                    }
-                }
-                if let Some(reason) = str_field(choice, "finish_reason") {
-                    self.finish_reason = Some(reason.to_string());
-                }
+                let chunk = Chunk::deserialize(&v).map_err(|e| malformed(PROVIDER, data, e))?;
+                self.chunk(chunk, out);
+                return Ok(Flow::More);
             }
-        }
-        if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
-            self.usage = Some(Usage {
-                input_tokens: u64_at(u, &["prompt_tokens"]),
-                output_tokens: u64_at(u, &["completion_tokens"]),
-                reasoning_tokens: u64_at(u, &["completion_tokens_details", "reasoning_tokens"]),
-                total_tokens: u64_at(u, &["total_tokens"]),
-            });
-        }
+        };
+        self.chunk(chunk, out);
         Ok(Flow::More)
     }
 
@@ -292,6 +380,40 @@ mod tests {
             "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x\"}}]}\n\n";
         let (_, res) = decode_every_split(Framing::Sse, &make, cut.as_bytes());
         assert!(res.expect_err("cut").message.contains("ended before"));
+    }
+
+    /// What servers that only mostly follow the format send: fields of unexpected types (read as
+    /// absent, not fatal), escaped text, a repeated key (the last one counts, as JSON readers
+    /// do), and a finish reason in a choice without a delta.
+    #[test]
+    fn odd_but_readable_chunks_are_read_not_refused() {
+        let odd = concat!(
+            "data: {\"choices\":[{\"index\":\"0\",\"delta\":{\"content\":\"A\\\"b\\u00e9 \",\"role\":7,\"tool_calls\":null}}],\"usage\":null}\n\n",
+            "data: {\"choices\":[7,{\"index\":0,\"delta\":{\"content\":5,\"reasoning\":[\"x\"]}},{\"index\":1,\"delta\":{\"content\":\"other choice\"}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"first\",\"content\":\"last\"}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"c1\",\"function\":{\"name\":\"f\",\"arguments\":\"{}\"}},\"junk\"]}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"finish_reason\":\"tool_calls\"}],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":\"4\",\"total_tokens\":7,\"completion_tokens_details\":null}}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let (events, res) = decode_every_split(Framing::Sse, &make, odd.as_bytes());
+        res.expect("odd chunks decode");
+        let (text, reasoning, calls) = summarize(&events);
+        assert_eq!(text, "A\"bé last");
+        assert_eq!(reasoning, "");
+        assert_eq!(calls, vec![("c1".into(), "f".into(), "{}".into())]);
+        assert!(
+            events.contains(&ModelEvent::StopReason("tool_calls".into())),
+            "{events:?}"
+        );
+        assert!(
+            events.contains(&ModelEvent::Usage(Usage {
+                input_tokens: 3,
+                output_tokens: 0,
+                reasoning_tokens: 0,
+                total_tokens: 7,
+            })),
+            "{events:?}"
+        );
     }
 
     #[test]

@@ -10,7 +10,10 @@ use std::collections::HashMap;
 
 use sluice_protocol::{ErrorCode, Usage};
 
-use crate::decode::{Decoder, Flow, classify, parse_json, str_field, u64_at};
+use serde::Deserialize;
+
+use crate::decode::{Decoder, Flow, classify, malformed, parse_json};
+use crate::lenient::{Num, Obj, Str};
 use crate::{ChatMessage, ModelEvent, ProviderError, Role, ToolSpec};
 
 #[derive(Debug)]
@@ -31,6 +34,127 @@ pub struct ResponsesDecoder {
 }
 
 impl ResponsesDecoder {
+    fn event(
+        &mut self,
+        v: Event<'_>,
+        event: &str,
+        out: &mut Vec<ModelEvent>,
+    ) -> Result<Flow, ProviderError> {
+        let kind = v.kind.get().unwrap_or(event);
+        match kind {
+            "response.output_text.delta" => {
+                self.close_reasoning(out);
+                if let Some(d) = v.delta.get() {
+                    out.push(ModelEvent::TextDelta(d.to_string()));
+                }
+            }
+            "response.output_text.done" => out.push(ModelEvent::TextDone),
+            "response.reasoning_summary_part.added" => {
+                if self.summary_parts > 0 {
+                    out.push(ModelEvent::ReasoningDelta("\n\n".into()));
+                }
+                self.summary_parts += 1;
+            }
+            "response.reasoning_summary_text.delta" | "response.reasoning_text.delta" => {
+                if let Some(d) = v.delta.get() {
+                    self.reasoning_open = true;
+                    out.push(ModelEvent::ReasoningDelta(d.to_string()));
+                }
+            }
+            "response.output_item.added" => {
+                let Some(item) = v.item.0 else {
+                    return Ok(Flow::More);
+                };
+                match item.kind.get() {
+                    Some("function_call") => {
+                        let id = item.id.get().unwrap_or_default().to_string();
+                        let call_id = item.call_id.get().unwrap_or(&id).to_string();
+                        self.calls.insert(
+                            id,
+                            Call {
+                                call_id,
+                                name: item.name.get().unwrap_or_default().to_string(),
+                                arguments: String::new(),
+                                done: false,
+                            },
+                        );
+                    }
+                    Some("reasoning") => self.summary_parts = 0,
+                    _ => {}
+                }
+            }
+            "response.function_call_arguments.delta" => {
+                let item_id = v.item_id.get().unwrap_or_default();
+                if let (Some(call), Some(d)) = (self.calls.get_mut(item_id), v.delta.get()) {
+                    call.arguments.push_str(d);
+                    out.push(ModelEvent::FunctionCallDelta {
+                        call_id: call.call_id.clone(),
+                        name: call.name.clone(),
+                        delta: d.to_string(),
+                    });
+                }
+            }
+            "response.function_call_arguments.done" => {
+                let item_id = v.item_id.get().unwrap_or_default();
+                self.finish_call(item_id, v.arguments.get(), out);
+            }
+            "response.output_item.done" => {
+                let Some(item) = v.item.0 else {
+                    return Ok(Flow::More);
+                };
+                match item.kind.get() {
+                    Some("reasoning") => self.close_reasoning(out),
+                    Some("function_call") => {
+                        let id = item.id.get().unwrap_or_default();
+                        self.finish_call(id, item.arguments.get(), out);
+                    }
+                    _ => {}
+                }
+            }
+            "response.completed" | "response.incomplete" => {
+                self.close_reasoning(out);
+                let response = v.response.0;
+                if let Some(u) = response.as_ref().and_then(|r| r.usage.0.as_ref()) {
+                    out.push(ModelEvent::Usage(u.usage()));
+                }
+                let reason = if kind == "response.incomplete" {
+                    response
+                        .as_ref()
+                        .and_then(|r| r.incomplete_details.0.as_ref())
+                        .and_then(|d| d.reason.get())
+                        .unwrap_or("incomplete")
+                        .to_string()
+                } else {
+                    "completed".to_string()
+                };
+                out.push(ModelEvent::StopReason(reason));
+                return Ok(Flow::Done);
+            }
+            "response.failed" => {
+                let err = v.response.0.and_then(|r| r.error.0);
+                let code = err.as_ref().and_then(|e| e.code.get()).unwrap_or("failed");
+                let message = err
+                    .as_ref()
+                    .and_then(|e| e.message.get())
+                    .unwrap_or("the response failed");
+                return Err(ProviderError::new(
+                    classify(code),
+                    format!("OpenAI {code}: {message}"),
+                ));
+            }
+            "error" => {
+                let code = v.code.get().or(v.kind.get()).unwrap_or("error");
+                let message = v.message.get().unwrap_or("no message");
+                return Err(ProviderError::new(
+                    classify(code),
+                    format!("OpenAI {code}: {message}"),
+                ));
+            }
+            _ => {}
+        }
+        Ok(Flow::More)
+    }
+
     fn close_reasoning(&mut self, out: &mut Vec<ModelEvent>) {
         if self.reasoning_open {
             self.reasoning_open = false;
@@ -55,14 +179,97 @@ impl ResponsesDecoder {
     }
 }
 
-fn usage_of(response: &serde_json::Value) -> Option<Usage> {
-    let u = response.get("usage").filter(|u| u.is_object())?;
-    Some(Usage {
-        input_tokens: u64_at(u, &["input_tokens"]),
-        output_tokens: u64_at(u, &["output_tokens"]),
-        reasoning_tokens: u64_at(u, &["output_tokens_details", "reasoning_tokens"]),
-        total_tokens: u64_at(u, &["total_tokens"]),
-    })
+/// The fields of an event the decoder reads; the rest (a whole response object in
+/// `response.completed`, say) are skipped unread.
+#[derive(Deserialize)]
+struct Event<'a> {
+    #[serde(default, borrow, rename = "type")]
+    kind: Str<'a>,
+    #[serde(default, borrow)]
+    delta: Str<'a>,
+    #[serde(default, borrow)]
+    item_id: Str<'a>,
+    #[serde(default, borrow)]
+    arguments: Str<'a>,
+    #[serde(default, borrow)]
+    item: Obj<Item<'a>>,
+    #[serde(default, borrow)]
+    response: Obj<Response<'a>>,
+    #[serde(default, borrow)]
+    code: Str<'a>,
+    #[serde(default, borrow)]
+    message: Str<'a>,
+}
+
+#[derive(Deserialize)]
+struct Item<'a> {
+    #[serde(default, borrow, rename = "type")]
+    kind: Str<'a>,
+    #[serde(default, borrow)]
+    id: Str<'a>,
+    #[serde(default, borrow)]
+    call_id: Str<'a>,
+    #[serde(default, borrow)]
+    name: Str<'a>,
+    #[serde(default, borrow)]
+    arguments: Str<'a>,
+}
+
+#[derive(Deserialize)]
+struct Response<'a> {
+    #[serde(default)]
+    usage: Obj<ResponseUsage>,
+    #[serde(default, borrow)]
+    incomplete_details: Obj<Incomplete<'a>>,
+    #[serde(default, borrow)]
+    error: Obj<ResponseError<'a>>,
+}
+
+#[derive(Deserialize)]
+struct ResponseUsage {
+    #[serde(default)]
+    input_tokens: Num,
+    #[serde(default)]
+    output_tokens: Num,
+    #[serde(default)]
+    total_tokens: Num,
+    #[serde(default)]
+    output_tokens_details: Obj<OutputDetails>,
+}
+
+#[derive(Deserialize)]
+struct OutputDetails {
+    #[serde(default)]
+    reasoning_tokens: Num,
+}
+
+#[derive(Deserialize)]
+struct Incomplete<'a> {
+    #[serde(default, borrow)]
+    reason: Str<'a>,
+}
+
+#[derive(Deserialize)]
+struct ResponseError<'a> {
+    #[serde(default, borrow)]
+    code: Str<'a>,
+    #[serde(default, borrow)]
+    message: Str<'a>,
+}
+
+impl ResponseUsage {
+    fn usage(&self) -> Usage {
+        Usage {
+            input_tokens: self.input_tokens.or0(),
+            output_tokens: self.output_tokens.or0(),
+            reasoning_tokens: self
+                .output_tokens_details
+                .0
+                .as_ref()
+                .map_or(0, |d| d.reasoning_tokens.or0()),
+            total_tokens: self.total_tokens.or0(),
+        }
+    }
 }
 
 impl Decoder for ResponsesDecoder {
@@ -72,121 +279,15 @@ impl Decoder for ResponsesDecoder {
         data: &str,
         out: &mut Vec<ModelEvent>,
     ) -> Result<Flow, ProviderError> {
-        let v = parse_json("OpenAI", data)?;
-        let kind = v.get("type").and_then(|t| t.as_str()).unwrap_or(event);
-        match kind {
-            "response.output_text.delta" => {
-                self.close_reasoning(out);
-                if let Some(d) = str_field(&v, "delta") {
-                    out.push(ModelEvent::TextDelta(d.to_string()));
-                }
+        match serde_json::from_str::<Event>(data) {
+            Ok(v) => self.event(v, event, out),
+            // JSON the typed reading refused (a repeated key): read it whole.
+            Err(_) => {
+                let whole = parse_json("OpenAI", data)?;
+                let v = Event::deserialize(&whole).map_err(|e| malformed("OpenAI", data, e))?;
+                self.event(v, event, out)
             }
-            "response.output_text.done" => out.push(ModelEvent::TextDone),
-            "response.reasoning_summary_part.added" => {
-                if self.summary_parts > 0 {
-                    out.push(ModelEvent::ReasoningDelta("\n\n".into()));
-                }
-                self.summary_parts += 1;
-            }
-            "response.reasoning_summary_text.delta" | "response.reasoning_text.delta" => {
-                if let Some(d) = str_field(&v, "delta") {
-                    self.reasoning_open = true;
-                    out.push(ModelEvent::ReasoningDelta(d.to_string()));
-                }
-            }
-            "response.output_item.added" => {
-                let item = v.get("item").cloned().unwrap_or_default();
-                match item.get("type").and_then(|t| t.as_str()) {
-                    Some("function_call") => {
-                        let id = str_field(&item, "id").unwrap_or_default().to_string();
-                        let call_id = str_field(&item, "call_id").unwrap_or(&id).to_string();
-                        self.calls.insert(
-                            id,
-                            Call {
-                                call_id,
-                                name: str_field(&item, "name").unwrap_or_default().to_string(),
-                                arguments: String::new(),
-                                done: false,
-                            },
-                        );
-                    }
-                    Some("reasoning") => self.summary_parts = 0,
-                    _ => {}
-                }
-            }
-            "response.function_call_arguments.delta" => {
-                let item_id = str_field(&v, "item_id").unwrap_or_default();
-                if let (Some(call), Some(d)) = (self.calls.get_mut(item_id), str_field(&v, "delta"))
-                {
-                    call.arguments.push_str(d);
-                    out.push(ModelEvent::FunctionCallDelta {
-                        call_id: call.call_id.clone(),
-                        name: call.name.clone(),
-                        delta: d.to_string(),
-                    });
-                }
-            }
-            "response.function_call_arguments.done" => {
-                let item_id = str_field(&v, "item_id").unwrap_or_default().to_string();
-                let args = v.get("arguments").and_then(|a| a.as_str());
-                self.finish_call(&item_id, args, out);
-            }
-            "response.output_item.done" => {
-                let item = v.get("item").cloned().unwrap_or_default();
-                match item.get("type").and_then(|t| t.as_str()) {
-                    Some("reasoning") => self.close_reasoning(out),
-                    Some("function_call") => {
-                        let id = str_field(&item, "id").unwrap_or_default().to_string();
-                        let args = item.get("arguments").and_then(|a| a.as_str());
-                        self.finish_call(&id, args, out);
-                    }
-                    _ => {}
-                }
-            }
-            "response.completed" | "response.incomplete" => {
-                self.close_reasoning(out);
-                let response = v.get("response").cloned().unwrap_or_default();
-                if let Some(u) = usage_of(&response) {
-                    out.push(ModelEvent::Usage(u));
-                }
-                let reason = if kind == "response.incomplete" {
-                    response
-                        .get("incomplete_details")
-                        .and_then(|d| str_field(d, "reason"))
-                        .unwrap_or("incomplete")
-                        .to_string()
-                } else {
-                    "completed".to_string()
-                };
-                out.push(ModelEvent::StopReason(reason));
-                return Ok(Flow::Done);
-            }
-            "response.failed" => {
-                let err = v
-                    .get("response")
-                    .and_then(|r| r.get("error"))
-                    .cloned()
-                    .unwrap_or_default();
-                let code = str_field(&err, "code").unwrap_or("failed");
-                let message = str_field(&err, "message").unwrap_or("the response failed");
-                return Err(ProviderError::new(
-                    classify(code),
-                    format!("OpenAI {code}: {message}"),
-                ));
-            }
-            "error" => {
-                let code = str_field(&v, "code")
-                    .or_else(|| str_field(&v, "type"))
-                    .unwrap_or("error");
-                let message = str_field(&v, "message").unwrap_or("no message");
-                return Err(ProviderError::new(
-                    classify(code),
-                    format!("OpenAI {code}: {message}"),
-                ));
-            }
-            _ => {}
         }
-        Ok(Flow::More)
     }
 
     fn end(&mut self, _out: &mut Vec<ModelEvent>) -> Result<(), ProviderError> {
@@ -352,6 +453,31 @@ mod tests {
         let error = "event: error\ndata: {\"type\":\"error\",\"code\":\"server_error\",\"message\":\"boom\",\"param\":null}\n\n";
         let (_, res) = decode_every_split(Framing::Sse, &make, error.as_bytes());
         assert_eq!(res.expect_err("error").code, ErrorCode::UpstreamError);
+    }
+
+    /// Fields of unexpected types read as absent, a repeated key counts once (the last), escaped
+    /// text is unescaped, and a large unread `response` object is skipped: read, not refused.
+    #[test]
+    fn odd_but_readable_events_are_read_not_refused() {
+        let odd = concat!(
+            "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"\\u00bfQu\\u00e9? \",\"item_id\":7}\n\n",
+            "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"first\",\"delta\":\"last\"}\n\n",
+            "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":{\"text\":\"no\"}}\n\n",
+            "event: response.output_item.added\ndata: {\"type\":\"response.output_item.added\",\"item\":\"not an object\"}\n\n",
+            "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"output\":[{\"type\":\"message\",\"content\":[{\"text\":\"whole\"}]}],\"usage\":{\"input_tokens\":5,\"output_tokens\":2,\"total_tokens\":7,\"output_tokens_details\":{\"reasoning_tokens\":null}}}}\n\n",
+        );
+        let (events, res) = decode_every_split(Framing::Sse, &make, odd.as_bytes());
+        res.expect("odd events decode");
+        assert_eq!(summarize(&events).0, "\u{bf}Qu\u{e9}? last");
+        assert!(
+            events.contains(&ModelEvent::Usage(Usage {
+                input_tokens: 5,
+                output_tokens: 2,
+                reasoning_tokens: 0,
+                total_tokens: 7,
+            })),
+            "{events:?}"
+        );
     }
 
     #[test]
