@@ -13,7 +13,7 @@ use sluice_protocol::{ErrorCode, Usage};
 
 use serde::Deserialize;
 
-use crate::decode::{Decoder, Flow, error_from, malformed, parse_json};
+use crate::decode::{Decoder, Flow, error_from, parse_json, read_typed};
 use crate::lenient::{Num, Obj, Str};
 use crate::{ChatMessage, ModelEvent, ProviderError, Role, ToolSpec};
 
@@ -106,15 +106,8 @@ impl Decoder for AnthropicDecoder {
         data: &str,
         out: &mut Vec<ModelEvent>,
     ) -> Result<Flow, ProviderError> {
-        let v = match serde_json::from_str::<Event>(data) {
-            Ok(v) => v,
-            // JSON the typed reading refused (a repeated key): read it whole.
-            Err(_) => {
-                let whole = parse_json("Anthropic", data)?;
-                let v = Event::deserialize(&whole).map_err(|e| malformed("Anthropic", data, e))?;
-                return self.event(v, event, data, out);
-            }
-        };
+        let mut whole = None;
+        let v = read_typed("Anthropic", data, &mut whole)?;
         self.event(v, event, data, out)
     }
 

@@ -157,6 +157,21 @@ pub(crate) fn parse_json(provider: &str, data: &str) -> Result<serde_json::Value
     serde_json::from_str(data).map_err(|e| malformed(provider, data, e))
 }
 
+/// Reads one message into the decoder's typed view `T` (see `lenient`): straight from the text,
+/// or, when the typed reading refuses it (a repeated key), through a `Value` (where the last of
+/// the repeated keys counts), which `whole` keeps for `T` to borrow from.
+pub(crate) fn read_typed<'a, T: serde::Deserialize<'a>>(
+    provider: &str,
+    data: &'a str,
+    whole: &'a mut Option<serde_json::Value>,
+) -> Result<T, ProviderError> {
+    if let Ok(typed) = serde_json::from_str(data) {
+        return Ok(typed);
+    }
+    let value = whole.insert(parse_json(provider, data)?);
+    T::deserialize(&*value).map_err(|e| malformed(provider, data, e))
+}
+
 /// The error for a chunk that could not be read, naming what was wrong and where.
 pub(crate) fn malformed(provider: &str, data: &str, e: impl std::fmt::Display) -> ProviderError {
     let snippet: String = data.chars().take(120).collect();

@@ -7,7 +7,7 @@ use sluice_protocol::{ErrorCode, Usage};
 
 use serde::Deserialize;
 
-use crate::decode::{Decoder, Flow, malformed, parse_json};
+use crate::decode::{Decoder, Flow, parse_json, read_typed};
 use crate::lenient::{Flag, List, Num, Obj, Present, Str};
 use crate::{ChatMessage, ModelEvent, ProviderError, Role, ToolSpec};
 
@@ -162,15 +162,9 @@ impl Decoder for OllamaDecoder {
         data: &str,
         out: &mut Vec<ModelEvent>,
     ) -> Result<Flow, ProviderError> {
-        match serde_json::from_str::<Line>(data) {
-            Ok(line) => self.line(line, data, out),
-            // JSON the typed reading refused (a repeated key): read it whole.
-            Err(_) => {
-                let whole = parse_json("Ollama", data)?;
-                let line = Line::deserialize(&whole).map_err(|e| malformed("Ollama", data, e))?;
-                self.line(line, data, out)
-            }
-        }
+        let mut whole = None;
+        let line = read_typed("Ollama", data, &mut whole)?;
+        self.line(line, data, out)
     }
 
     fn end(&mut self, _out: &mut Vec<ModelEvent>) -> Result<(), ProviderError> {

@@ -14,7 +14,7 @@ use sluice_protocol::Usage;
 
 use serde::Deserialize;
 
-use crate::decode::{Decoder, Flow, error_from, malformed, parse_json};
+use crate::decode::{Decoder, Flow, error_from, parse_json, read_typed};
 use crate::lenient::{List, Num, Obj, Present, Str};
 use crate::{ChatMessage, ModelEvent, ProviderError, Role, ToolSpec};
 
@@ -208,19 +208,15 @@ impl Decoder for ChatDecoder {
             self.finalize(out);
             return Ok(Flow::Done);
         }
-        let chunk = match serde_json::from_str::<Chunk>(data) {
-            Ok(chunk) if event != "error" && !chunk.error.0 => chunk,
-            // An error, or JSON the typed reading refused (a repeated key): read it whole.
-            _ => {
-                let v = parse_json(PROVIDER, data)?;
-                if event == "error" || v.get("error").is_some_and(|e| !e.is_null()) {
-                    return Err(error_from(PROVIDER, &v));
-                }
-                let chunk = Chunk::deserialize(&v).map_err(|e| malformed(PROVIDER, data, e))?;
-                self.chunk(chunk, out);
-                return Ok(Flow::More);
-            }
-        };
+        // An error object is read whole (rare).
+        if event == "error" {
+            return Err(error_from(PROVIDER, &parse_json(PROVIDER, data)?));
+        }
+        let mut whole = None;
+        let chunk: Chunk = read_typed(PROVIDER, data, &mut whole)?;
+        if chunk.error.0 {
+            return Err(error_from(PROVIDER, &parse_json(PROVIDER, data)?));
+        }
         self.chunk(chunk, out);
         Ok(Flow::More)
     }

@@ -12,7 +12,7 @@ use sluice_protocol::{ErrorCode, Usage};
 
 use serde::Deserialize;
 
-use crate::decode::{Decoder, Flow, classify, malformed, parse_json};
+use crate::decode::{Decoder, Flow, classify, read_typed};
 use crate::lenient::{Num, Obj, Str};
 use crate::{ChatMessage, ModelEvent, ProviderError, Role, ToolSpec};
 
@@ -279,15 +279,9 @@ impl Decoder for ResponsesDecoder {
         data: &str,
         out: &mut Vec<ModelEvent>,
     ) -> Result<Flow, ProviderError> {
-        match serde_json::from_str::<Event>(data) {
-            Ok(v) => self.event(v, event, out),
-            // JSON the typed reading refused (a repeated key): read it whole.
-            Err(_) => {
-                let whole = parse_json("OpenAI", data)?;
-                let v = Event::deserialize(&whole).map_err(|e| malformed("OpenAI", data, e))?;
-                self.event(v, event, out)
-            }
-        }
+        let mut whole = None;
+        let v = read_typed("OpenAI", data, &mut whole)?;
+        self.event(v, event, out)
     }
 
     fn end(&mut self, _out: &mut Vec<ModelEvent>) -> Result<(), ProviderError> {
