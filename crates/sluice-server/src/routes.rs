@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -21,7 +22,7 @@ type St = State<Arc<AppState>>;
 
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.http.max_body_bytes;
-    Router::new()
+    let router = Router::new()
         .route("/", get(crate::web::index))
         .route("/assets/app.js", get(crate::web::app_js))
         .route("/assets/app.css", get(crate::web::app_css))
@@ -48,9 +49,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(limit))
-        .layer(cors(&state.http.cors_origins))
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(limit));
+    // With no origins configured nothing is allowed cross-origin, and no request pays for the
+    // layer (it would still inspect every request and add `Vary` to every response).
+    let router = if state.http.cors_origins.is_empty() {
+        router
+    } else {
+        router.layer(cors(&state.http.cors_origins))
+    };
+    router.with_state(state)
 }
 
 /// Cross-origin access for the configured origins: the headers a client sends (auth, resume
@@ -146,23 +153,14 @@ async fn start_run(
     st: Arc<AppState>,
     owner: String,
     thread: Option<String>,
-    headers: HeaderMap,
+    key: IdempotencyKey,
     req: RunRequest,
     answer: Answer,
 ) -> Result<Response, ApiError> {
     let on_disconnect = req.on_disconnect;
-    let key = match headers.get("idempotency-key") {
-        None => None,
-        Some(v) => Some(v.to_str().map_err(|_| {
-            ApiError::new(
-                ErrorCode::InvalidRequest,
-                "the Idempotency-Key header must be visible ASCII",
-            )
-        })?),
-    };
     let run = st
         .engine
-        .start_run_keyed(&owner, thread.as_deref(), req, key)
+        .start_run_keyed(&owner, thread.as_deref(), req, key.0.as_deref())
         .await?;
     match answer {
         Answer::Stream => {
@@ -185,14 +183,34 @@ async fn start_run(
     }
 }
 
+/// A run start's `Idempotency-Key` header, if it has one (read without copying the other headers).
+struct IdempotencyKey(Option<String>);
+
+impl<S: Sync> FromRequestParts<S> for IdempotencyKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        match parts.headers.get("idempotency-key") {
+            None => Ok(IdempotencyKey(None)),
+            Some(v) => match v.to_str() {
+                Ok(key) => Ok(IdempotencyKey(Some(key.to_string()))),
+                Err(_) => Err(ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    "the Idempotency-Key header must be visible ASCII",
+                )),
+            },
+        }
+    }
+}
+
 fn on_thread(answer: Answer) -> axum::routing::MethodRouter<Arc<AppState>> {
     post(
         move |State(st): St,
               Owner(owner): Owner,
               Path(id): Path<String>,
-              headers: HeaderMap,
+              key: IdempotencyKey,
               ApiJson(req): ApiJson<RunRequest>| {
-            start_run(st, owner, Some(id), headers, req, answer)
+            start_run(st, owner, Some(id), key, req, answer)
         },
     )
 }
@@ -201,9 +219,9 @@ fn on_new_thread(answer: Answer) -> axum::routing::MethodRouter<Arc<AppState>> {
     post(
         move |State(st): St,
               Owner(owner): Owner,
-              headers: HeaderMap,
+              key: IdempotencyKey,
               ApiJson(req): ApiJson<RunRequest>| {
-            start_run(st, owner, None, headers, req, answer)
+            start_run(st, owner, None, key, req, answer)
         },
     )
 }
