@@ -382,6 +382,27 @@ async fn a_fallback_model_takes_over_when_the_first_fails_before_any_token() {
     );
 }
 
+/// A streamed run's response head never waits for the model: `run_started` arrives while the
+/// model has sent nothing and the run is still going.
+#[tokio::test]
+async fn run_started_does_not_wait_for_a_silent_model() {
+    let (server, _sim) = server_with_simulator(Vec::new(), HttpClient::Auto).await;
+    let client = server.client();
+    let mut r = req("hello");
+    r.model = Some("openai-chat/sim?tokens=5&fault=stall&after=0".into());
+    let mut stream = client.stream_run(None, &r).await.expect("stream");
+    let first = stream.next().await.expect("an event").expect("readable");
+    assert_eq!(first.event.body.kind(), EventKind::RunStarted);
+    let view = client.get_run(&first.event.run_id).await.expect("run");
+    assert_eq!(
+        view.status,
+        RunStatus::Running,
+        "run_started came only once the run had ended"
+    );
+    let view = client.cancel(&first.event.run_id).await.expect("cancel");
+    assert_eq!(view.status, RunStatus::Cancelled);
+}
+
 #[tokio::test]
 async fn cancelling_a_run_closes_the_upstream_connection() {
     for client in CLIENTS {
