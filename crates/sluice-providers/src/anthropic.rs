@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use sluice_protocol::{ErrorCode, Usage};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::decode::{Decoder, Flow, error_from, parse_json, read_typed};
 use crate::lenient::{Num, Obj, Str};
@@ -244,72 +244,116 @@ impl AnthropicDecoder {
 /// The request body. System messages go in `system`; an assistant's tool calls become `tool_use`
 /// blocks (input as a JSON object) and tool results `tool_result` blocks in a user turn (adjacent
 /// results share one turn, as the API requires alternating roles); tools use `input_schema`.
-pub fn request_body(
-    model: &str,
-    messages: &[ChatMessage],
+pub fn request_body<'a>(
+    model: &'a str,
+    messages: &'a [ChatMessage],
     tools: &[ToolSpec],
     max_tokens: u32,
-) -> serde_json::Value {
+) -> RequestBody<'a> {
     let system: Vec<&str> = messages
         .iter()
         .filter(|m| m.role == Role::System)
         .map(|m| m.content.as_str())
         .collect();
-    let mut msgs: Vec<serde_json::Value> = Vec::new();
+    let mut msgs: Vec<OutMessage<'a>> = Vec::new();
     for m in messages.iter().filter(|m| m.role != Role::System) {
         match m.role {
             Role::Tool => {
-                let block = serde_json::json!({
-                    "type": "tool_result",
-                    "tool_use_id": m.tool_call_id,
-                    "content": m.content,
-                });
-                let joins_previous = msgs.last().is_some_and(|last| {
-                    last["role"] == "user"
-                        && last["content"]
-                            .as_array()
-                            .is_some_and(|c| c.iter().all(|b| b["type"] == "tool_result"))
-                });
-                match msgs.last_mut().filter(|_| joins_previous) {
-                    Some(last) => {
-                        if let Some(content) = last["content"].as_array_mut() {
-                            content.push(block);
-                        }
+                let block = OutBlock::ToolResult {
+                    tool_use_id: m.tool_call_id.as_deref(),
+                    content: &m.content,
+                };
+                // Results of one turn's calls go together in one user message.
+                match msgs.last_mut() {
+                    Some(OutMessage {
+                        role: "user",
+                        content: OutContent::Blocks(blocks),
+                    }) if blocks
+                        .iter()
+                        .all(|b| matches!(b, OutBlock::ToolResult { .. })) =>
+                    {
+                        blocks.push(block)
                     }
-                    None => msgs.push(serde_json::json!({"role": "user", "content": [block]})),
+                    _ => msgs.push(OutMessage {
+                        role: "user",
+                        content: OutContent::Blocks(vec![block]),
+                    }),
                 }
             }
             Role::Assistant if !m.tool_calls.is_empty() => {
-                let mut content = Vec::new();
+                let mut blocks = Vec::new();
                 if !m.content.is_empty() {
-                    content.push(serde_json::json!({"type": "text", "text": m.content}));
+                    blocks.push(OutBlock::Text { text: &m.content });
                 }
                 for c in &m.tool_calls {
-                    content.push(serde_json::json!({
-                        "type": "tool_use",
-                        "id": c.id,
-                        "name": c.name,
-                        "input": crate::arguments_object(&c.arguments),
-                    }));
+                    blocks.push(OutBlock::ToolUse {
+                        id: &c.id,
+                        name: &c.name,
+                        input: crate::arguments_object(&c.arguments),
+                    });
                 }
-                msgs.push(serde_json::json!({"role": "assistant", "content": content}));
+                msgs.push(OutMessage {
+                    role: "assistant",
+                    content: OutContent::Blocks(blocks),
+                });
             }
-            role => msgs.push(serde_json::json!({"role": role.as_str(), "content": m.content})),
+            role => msgs.push(OutMessage {
+                role: role.as_str(),
+                content: OutContent::Text(&m.content),
+            }),
         }
     }
-    let mut body = serde_json::json!({
-        "model": model,
-        "max_tokens": max_tokens,
-        "messages": msgs,
-        "stream": true,
-    });
-    if !system.is_empty() {
-        body["system"] = serde_json::Value::String(system.join("\n\n"));
+    RequestBody {
+        model,
+        max_tokens,
+        messages: msgs,
+        stream: true,
+        system: (!system.is_empty()).then(|| system.join("\n\n")),
+        tools: (!tools.is_empty()).then(|| tools_json(tools)),
     }
-    if !tools.is_empty() {
-        body["tools"] = tools_json(tools);
-    }
-    body
+}
+
+/// A Messages API request body, written straight to JSON.
+#[derive(Serialize)]
+pub struct RequestBody<'a> {
+    model: &'a str,
+    max_tokens: u32,
+    messages: Vec<OutMessage<'a>>,
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tools: Option<serde_json::Value>,
+}
+
+#[derive(Serialize)]
+struct OutMessage<'a> {
+    role: &'static str,
+    content: OutContent<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum OutContent<'a> {
+    Text(&'a str),
+    Blocks(Vec<OutBlock<'a>>),
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum OutBlock<'a> {
+    Text {
+        text: &'a str,
+    },
+    ToolUse {
+        id: &'a str,
+        name: &'a str,
+        input: serde_json::Value,
+    },
+    ToolResult {
+        tool_use_id: Option<&'a str>,
+        content: &'a str,
+    },
 }
 
 /// The request's `tools`.
@@ -468,7 +512,8 @@ mod tests {
     #[test]
     fn request_body_carries_tool_use_and_grouped_tool_results() {
         let (messages, tools) = conversation();
-        let body = request_body("claude-sonnet-4-5", &messages, &tools, 1024);
+        let body = serde_json::to_value(request_body("claude-sonnet-4-5", &messages, &tools, 1024))
+            .unwrap();
         assert_eq!(
             (body["system"].as_str(), body["max_tokens"].as_u64()),
             (Some("Be brief."), Some(1024))

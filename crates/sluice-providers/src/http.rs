@@ -82,13 +82,17 @@ impl WireKind {
     }
 
     /// The request body without its `tools` (see [`HttpModel::body`]).
-    fn body_without_tools(self, request: &ModelRequest, max_tokens: u32) -> serde_json::Value {
+    fn body_without_tools(self, request: &ModelRequest, max_tokens: u32) -> String {
         let (model, messages) = (&request.model, &request.messages);
         match self {
-            WireKind::OpenAiResponses => openai_responses::request_body(model, messages, &[]),
-            WireKind::OpenAiChat => openai_chat::request_body(model, messages, &[]),
-            WireKind::Anthropic => anthropic::request_body(model, messages, &[], max_tokens),
-            WireKind::Ollama => ollama::request_body(model, messages, &[]),
+            WireKind::OpenAiResponses => {
+                crate::json(&openai_responses::request_body(model, messages, &[]))
+            }
+            WireKind::OpenAiChat => crate::json(&openai_chat::request_body(model, messages, &[])),
+            WireKind::Anthropic => {
+                crate::json(&anthropic::request_body(model, messages, &[], max_tokens))
+            }
+            WireKind::Ollama => crate::json(&ollama::request_body(model, messages, &[])),
         }
     }
 
@@ -275,9 +279,7 @@ impl HttpModel {
     /// request when the tool list is the same) spliced in as the last member.
     fn body(&self, request: &ModelRequest) -> String {
         let kind = self.spec.kind;
-        let mut text = kind
-            .body_without_tools(request, self.spec.max_tokens)
-            .to_string();
+        let mut text = kind.body_without_tools(request, self.spec.max_tokens);
         if request.tools.is_empty() || !text.ends_with('}') {
             return text;
         }
@@ -771,11 +773,22 @@ mod tests {
                 messages: messages.clone(),
                 tools: tools.clone(),
             };
-            let own = |tools: &[ToolSpec]| match kind {
-                WireKind::OpenAiResponses => openai_responses::request_body("m", &messages, tools),
-                WireKind::OpenAiChat => openai_chat::request_body("m", &messages, tools),
-                WireKind::Anthropic => anthropic::request_body("m", &messages, tools, 8192),
-                WireKind::Ollama => ollama::request_body("m", &messages, tools),
+            let own = |tools: &[ToolSpec]| {
+                match kind {
+                    WireKind::OpenAiResponses => {
+                        serde_json::to_value(openai_responses::request_body("m", &messages, tools))
+                    }
+                    WireKind::OpenAiChat => {
+                        serde_json::to_value(openai_chat::request_body("m", &messages, tools))
+                    }
+                    WireKind::Anthropic => {
+                        serde_json::to_value(anthropic::request_body("m", &messages, tools, 8192))
+                    }
+                    WireKind::Ollama => {
+                        serde_json::to_value(ollama::request_body("m", &messages, tools))
+                    }
+                }
+                .unwrap()
             };
             let parse = |s: String| serde_json::from_str::<serde_json::Value>(&s).unwrap();
             // Built, then kept (the same list, and an equal list in another Arc), then replaced.

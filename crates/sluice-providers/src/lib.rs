@@ -146,6 +146,13 @@ pub(crate) fn function_tools(tools: &[ToolSpec]) -> serde_json::Value {
         .collect()
 }
 
+/// A request body as JSON text. Serializing cannot fail for the bodies built here (string keys
+/// only, no custom serializers); were it to, the empty body is refused by the provider with a
+/// clear error rather than panicking here.
+pub(crate) fn json(body: &impl serde::Serialize) -> String {
+    serde_json::to_string(body).unwrap_or_default()
+}
+
 /// Parses a call's arguments for the providers that want a JSON object rather than text;
 /// unparseable arguments are sent as an empty object (the model's own text is still in the history).
 pub(crate) fn arguments_object(arguments: &str) -> serde_json::Value {

@@ -5,7 +5,7 @@
 
 use sluice_protocol::{ErrorCode, Usage};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::decode::{Decoder, Flow, parse_json, read_typed};
 use crate::lenient::{Flag, List, Num, Obj, Present, Str};
@@ -177,30 +177,85 @@ impl Decoder for OllamaDecoder {
 
 /// The request body: tool calls with their arguments as objects, tool results as `tool` messages
 /// naming their tool, tools in the OpenAI function form.
-pub fn request_body(
-    model: &str,
-    messages: &[ChatMessage],
+pub fn request_body<'a>(
+    model: &'a str,
+    messages: &'a [ChatMessage],
     tools: &[ToolSpec],
-) -> serde_json::Value {
-    let messages: Vec<serde_json::Value> = messages
+) -> RequestBody<'a> {
+    let messages = messages
         .iter()
         .map(|m| match m.role {
-            Role::Tool => serde_json::json!({"role": "tool", "content": m.content, "tool_name": m.tool_name}),
-            Role::Assistant if !m.tool_calls.is_empty() => serde_json::json!({
-                "role": "assistant",
-                "content": m.content,
-                "tool_calls": m.tool_calls.iter().map(|c| serde_json::json!({
-                    "function": {"name": c.name, "arguments": crate::arguments_object(&c.arguments)},
-                })).collect::<Vec<_>>(),
-            }),
-            role => serde_json::json!({"role": role.as_str(), "content": m.content}),
+            Role::Tool => OutMessage::Tool {
+                role: "tool",
+                content: &m.content,
+                tool_name: m.tool_name.as_deref(),
+            },
+            Role::Assistant if !m.tool_calls.is_empty() => OutMessage::Calls {
+                role: "assistant",
+                content: &m.content,
+                tool_calls: m
+                    .tool_calls
+                    .iter()
+                    .map(|c| OutCall {
+                        function: OutFunction {
+                            name: &c.name,
+                            arguments: crate::arguments_object(&c.arguments),
+                        },
+                    })
+                    .collect(),
+            },
+            role => OutMessage::Text {
+                role: role.as_str(),
+                content: &m.content,
+            },
         })
         .collect();
-    let mut body = serde_json::json!({"model": model, "messages": messages, "stream": true});
-    if !tools.is_empty() {
-        body["tools"] = crate::function_tools(tools);
+    RequestBody {
+        model,
+        messages,
+        stream: true,
+        tools: (!tools.is_empty()).then(|| crate::function_tools(tools)),
     }
-    body
+}
+
+/// An Ollama chat request body, written straight to JSON.
+#[derive(Serialize)]
+pub struct RequestBody<'a> {
+    model: &'a str,
+    messages: Vec<OutMessage<'a>>,
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tools: Option<serde_json::Value>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum OutMessage<'a> {
+    Tool {
+        role: &'static str,
+        content: &'a str,
+        tool_name: Option<&'a str>,
+    },
+    Calls {
+        role: &'static str,
+        content: &'a str,
+        tool_calls: Vec<OutCall<'a>>,
+    },
+    Text {
+        role: &'static str,
+        content: &'a str,
+    },
+}
+
+#[derive(Serialize)]
+struct OutCall<'a> {
+    function: OutFunction<'a>,
+}
+
+#[derive(Serialize)]
+struct OutFunction<'a> {
+    name: &'a str,
+    arguments: serde_json::Value,
 }
 
 #[cfg(test)]
@@ -326,7 +381,7 @@ mod tests {
     #[test]
     fn request_body_carries_tool_calls_as_objects_and_named_results() {
         let (messages, tools) = conversation();
-        let body = request_body("llama3.2", &messages, &tools);
+        let body = serde_json::to_value(request_body("llama3.2", &messages, &tools)).unwrap();
         let m = body["messages"].as_array().expect("messages");
         assert_eq!(
             m[2]["tool_calls"][0]["function"]["arguments"],

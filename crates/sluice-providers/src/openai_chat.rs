@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use sluice_protocol::Usage;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::decode::{Decoder, Flow, error_from, parse_json, read_typed};
 use crate::lenient::{List, Num, Obj, Present, Str};
@@ -236,41 +236,99 @@ impl Decoder for ChatDecoder {
 
 /// The request body: the conversation with its tool calls and results in Chat Completions form,
 /// and the tools as `{"type":"function","function":{…}}`.
-pub fn request_body(
-    model: &str,
-    messages: &[ChatMessage],
+pub fn request_body<'a>(
+    model: &'a str,
+    messages: &'a [ChatMessage],
     tools: &[ToolSpec],
-) -> serde_json::Value {
-    let messages: Vec<serde_json::Value> = messages
+) -> RequestBody<'a> {
+    let messages = messages
         .iter()
         .map(|m| match m.role {
-            Role::Tool => serde_json::json!({
-                "role": "tool",
-                "tool_call_id": m.tool_call_id,
-                "content": m.content,
-            }),
-            Role::Assistant if !m.tool_calls.is_empty() => serde_json::json!({
-                "role": "assistant",
-                "content": if m.content.is_empty() { serde_json::Value::Null } else { m.content.clone().into() },
-                "tool_calls": m.tool_calls.iter().map(|c| serde_json::json!({
-                    "id": c.id,
-                    "type": "function",
-                    "function": {"name": c.name, "arguments": c.arguments},
-                })).collect::<Vec<_>>(),
-            }),
-            role => serde_json::json!({"role": role.as_str(), "content": m.content}),
+            Role::Tool => OutMessage::Tool {
+                role: "tool",
+                tool_call_id: m.tool_call_id.as_deref(),
+                content: &m.content,
+            },
+            Role::Assistant if !m.tool_calls.is_empty() => OutMessage::Calls {
+                role: "assistant",
+                content: (!m.content.is_empty()).then_some(m.content.as_str()),
+                tool_calls: m
+                    .tool_calls
+                    .iter()
+                    .map(|c| OutCall {
+                        id: &c.id,
+                        kind: "function",
+                        function: OutFunction {
+                            name: &c.name,
+                            arguments: &c.arguments,
+                        },
+                    })
+                    .collect(),
+            },
+            role => OutMessage::Text {
+                role: role.as_str(),
+                content: &m.content,
+            },
         })
         .collect();
-    let mut body = serde_json::json!({
-        "model": model,
-        "messages": messages,
-        "stream": true,
-        "stream_options": {"include_usage": true},
-    });
-    if !tools.is_empty() {
-        body["tools"] = crate::function_tools(tools);
+    RequestBody {
+        model,
+        messages,
+        stream: true,
+        stream_options: StreamOptions {
+            include_usage: true,
+        },
+        tools: (!tools.is_empty()).then(|| crate::function_tools(tools)),
     }
-    body
+}
+
+/// A Chat Completions request body, written straight to JSON.
+#[derive(Serialize)]
+pub struct RequestBody<'a> {
+    model: &'a str,
+    messages: Vec<OutMessage<'a>>,
+    stream: bool,
+    stream_options: StreamOptions,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tools: Option<serde_json::Value>,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum OutMessage<'a> {
+    Tool {
+        role: &'static str,
+        tool_call_id: Option<&'a str>,
+        content: &'a str,
+    },
+    Calls {
+        role: &'static str,
+        content: Option<&'a str>,
+        tool_calls: Vec<OutCall<'a>>,
+    },
+    Text {
+        role: &'static str,
+        content: &'a str,
+    },
+}
+
+#[derive(Serialize)]
+struct OutCall<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: OutFunction<'a>,
+}
+
+#[derive(Serialize)]
+struct OutFunction<'a> {
+    name: &'a str,
+    arguments: &'a str,
 }
 
 #[cfg(test)]
@@ -451,7 +509,7 @@ mod tests {
     #[test]
     fn request_body_carries_tool_calls_results_and_tools() {
         let (messages, tools) = conversation();
-        let body = request_body("gpt-4o", &messages, &tools);
+        let body = serde_json::to_value(request_body("gpt-4o", &messages, &tools)).unwrap();
         assert_eq!(body["stream"], true);
         assert_eq!(body["stream_options"]["include_usage"], true);
         let m = body["messages"].as_array().expect("messages");

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use sluice_protocol::{ErrorCode, Usage};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::decode::{Decoder, Flow, classify, read_typed};
 use crate::lenient::{Num, Obj, Str};
@@ -295,47 +295,83 @@ impl Decoder for ResponsesDecoder {
 /// The request body. System messages become `instructions`; an assistant's tool calls become
 /// `function_call` items and tool results `function_call_output` items; tools are flat
 /// `{"type":"function","name",…}` objects.
-pub fn request_body(
-    model: &str,
-    messages: &[ChatMessage],
+pub fn request_body<'a>(
+    model: &'a str,
+    messages: &'a [ChatMessage],
     tools: &[ToolSpec],
-) -> serde_json::Value {
+) -> RequestBody<'a> {
     let instructions: Vec<&str> = messages
         .iter()
         .filter(|m| m.role == Role::System)
         .map(|m| m.content.as_str())
         .collect();
-    let mut input: Vec<serde_json::Value> = Vec::new();
+    let mut input = Vec::new();
     for m in messages.iter().filter(|m| m.role != Role::System) {
         match m.role {
-            Role::Tool => input.push(serde_json::json!({
-                "type": "function_call_output",
-                "call_id": m.tool_call_id,
-                "output": m.content,
-            })),
+            Role::Tool => input.push(OutItem::Output {
+                kind: "function_call_output",
+                call_id: m.tool_call_id.as_deref(),
+                output: &m.content,
+            }),
             _ => {
                 if !m.content.is_empty() || m.tool_calls.is_empty() {
-                    input.push(serde_json::json!({"role": m.role.as_str(), "content": m.content}));
+                    input.push(OutItem::Message {
+                        role: m.role.as_str(),
+                        content: &m.content,
+                    });
                 }
                 for c in &m.tool_calls {
-                    input.push(serde_json::json!({
-                        "type": "function_call",
-                        "call_id": c.id,
-                        "name": c.name,
-                        "arguments": c.arguments,
-                    }));
+                    input.push(OutItem::Call {
+                        kind: "function_call",
+                        call_id: &c.id,
+                        name: &c.name,
+                        arguments: &c.arguments,
+                    });
                 }
             }
         }
     }
-    let mut body = serde_json::json!({"model": model, "input": input, "stream": true});
-    if !instructions.is_empty() {
-        body["instructions"] = serde_json::Value::String(instructions.join("\n\n"));
+    RequestBody {
+        model,
+        input,
+        stream: true,
+        instructions: (!instructions.is_empty()).then(|| instructions.join("\n\n")),
+        tools: (!tools.is_empty()).then(|| tools_json(tools)),
     }
-    if !tools.is_empty() {
-        body["tools"] = tools_json(tools);
-    }
-    body
+}
+
+/// A Responses API request body, written straight to JSON.
+#[derive(Serialize)]
+pub struct RequestBody<'a> {
+    model: &'a str,
+    input: Vec<OutItem<'a>>,
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    instructions: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tools: Option<serde_json::Value>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum OutItem<'a> {
+    Output {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        call_id: Option<&'a str>,
+        output: &'a str,
+    },
+    Message {
+        role: &'static str,
+        content: &'a str,
+    },
+    Call {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        call_id: &'a str,
+        name: &'a str,
+        arguments: &'a str,
+    },
 }
 
 /// The request's `tools`.
@@ -509,7 +545,7 @@ mod tests {
     #[test]
     fn request_body_carries_function_calls_outputs_and_tools() {
         let (messages, tools) = conversation();
-        let body = request_body("gpt-5", &messages, &tools);
+        let body = serde_json::to_value(request_body("gpt-5", &messages, &tools)).unwrap();
         assert_eq!(body["instructions"], "Be brief.");
         let input = body["input"].as_array().expect("input");
         let kinds: Vec<String> = input
