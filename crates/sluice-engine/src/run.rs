@@ -371,11 +371,17 @@ impl RunTask {
         };
         let mut drafts: HashMap<String, Draft> = HashMap::new();
         let mut model_done = false;
-        // The step's first output is handed to the subscribers' tasks before this task goes on:
-        // when it came with more (a short answer in one read, a burst), the rest of the burst and,
-        // for an answer that is complete, the run's whole ending would otherwise run first.
+        let step_start = out.seq;
         let mut first_shown = false;
         while !(model_done && running.calls.is_empty()) {
+            // The step's first output is handed to the subscribers' tasks before this task goes
+            // on: when it came with more (a short answer in one read, a burst), the rest of the
+            // burst and, for an answer that is complete, the run's whole ending would otherwise
+            // run first.
+            if !first_shown && out.seq > step_start {
+                first_shown = true;
+                tokio::task::yield_now().await;
+            }
             let Running { calls, rx, .. } = &mut running;
             let busy = !calls.is_empty();
             tokio::select! {
@@ -426,10 +432,6 @@ impl RunTask {
                             if let EventBody::FunctionCallDelta { call_id, name, delta } = &body {
                                 self.draft(out, &mut drafts, call_id, name, delta);
                             }
-                            if !first_shown {
-                                first_shown = true;
-                                tokio::task::yield_now().await;
-                            }
                             continue;
                         }
                         ModelEvent::FunctionCallDone { call_id, name, arguments } => {
@@ -458,10 +460,6 @@ impl RunTask {
                         }
                     };
                     out.append(&body);
-                    if !first_shown {
-                        first_shown = true;
-                        tokio::task::yield_now().await;
-                    }
                 }
             }
         }
