@@ -65,6 +65,7 @@ impl EngineError {
             EngineError::StreamReset { .. } => ErrorCode::StreamReset,
             EngineError::RateLimited(_) => ErrorCode::RateLimited,
             EngineError::ShuttingDown => ErrorCode::Unavailable,
+            EngineError::Store(e) if e.is_unavailable() => ErrorCode::Unavailable,
             EngineError::Store(_) => ErrorCode::Internal,
         }
     }
@@ -126,6 +127,8 @@ impl Default for EngineConfig {
 pub(crate) enum StopReason {
     Cancelled(String),
     Shutdown,
+    /// The store gave up this run's writes (it failed past its bound).
+    StoreFailed(sluice_protocol::ErrorInfo),
 }
 
 /// A run the engine knows in memory: running, queued, or recently ended.
@@ -333,6 +336,7 @@ impl Engine {
                 }
             }
         });
+        inner.tracker.spawn(watch_store(Arc::downgrade(&inner)));
         Engine { inner }
     }
 
@@ -340,15 +344,50 @@ impl Engine {
         &self.inner.metrics
     }
 
-    /// The Prometheus text: the engine's metrics plus the store's queue depth.
+    /// The Prometheus text: the engine's metrics plus the store's queue and health.
     pub fn render_metrics(&self) -> String {
         let mut out = self.inner.metrics.render();
+        let store = &self.inner.store;
+        let status = store.status().borrow().clone();
         out.push_str(&format!(
             "# HELP sluice_store_queue_depth Store operations queued and not yet committed.\n\
-             # TYPE sluice_store_queue_depth gauge\nsluice_store_queue_depth {}\n",
-            self.inner.store.queue_depth()
+             # TYPE sluice_store_queue_depth gauge\nsluice_store_queue_depth {}\n\
+             # HELP sluice_store_queue_bytes Bytes of store writes queued and not yet committed.\n\
+             # TYPE sluice_store_queue_bytes gauge\nsluice_store_queue_bytes {}\n\
+             # HELP sluice_store_up 1 while the store's writes commit, 0 while they fail.\n\
+             # TYPE sluice_store_up gauge\nsluice_store_up {}\n\
+             # HELP sluice_store_give_ups_total Times queued writes were given up after failing past the bound.\n\
+             # TYPE sluice_store_give_ups_total counter\nsluice_store_give_ups_total {}\n",
+            store.queue_depth(),
+            store.queue_bytes(),
+            u8::from(status.failing.is_none()),
+            status.abandoned,
         ));
         out
+    }
+
+    /// Why the engine cannot take work now, if it cannot: shutting down, or the store failing.
+    pub fn not_ready(&self) -> Option<String> {
+        if self.inner.shutdown.is_cancelled() {
+            return Some("shutting down".into());
+        }
+        self.inner
+            .store
+            .status()
+            .borrow()
+            .failing
+            .as_ref()
+            .map(|why| format!("the database cannot be written: {why}"))
+    }
+
+    /// Resolves once everything the run's start wrote (its thread, the run, its messages) is
+    /// committed: before an answer that acknowledges the start (`202`, `run_accepted`).
+    pub async fn acknowledge(&self, run: &RunHandle) -> Result<(), EngineError> {
+        if let Err(err) = self.inner.store.flush().await {
+            run.stop(StopReason::StoreFailed(store_failure(&err)));
+            return Err(err.into());
+        }
+        Ok(())
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -375,6 +414,7 @@ impl Engine {
             title,
             created_at: now_ms(),
         };
+        self.inner.store.admit()?;
         let view = ThreadView {
             id: thread.id.clone(),
             title: thread.title.clone(),
@@ -585,6 +625,9 @@ impl Engine {
             .models
             .resolve(&model_name)
             .map_err(EngineError::InvalidRequest)?;
+        // Output that could never be stored is not streamed: while the database cannot be
+        // written (or is far behind), new runs are refused with 503.
+        self.inner.store.admit()?;
         let accepted = Instant::now();
         let slot = self.take_run_slot(owner)?;
         let (thread_id, new_thread) = match thread_id {
@@ -838,6 +881,51 @@ impl Engine {
         }
         if let Err(err) = self.inner.store.flush().await {
             tracing::error!(error = %err, "final store flush failed");
+        }
+    }
+}
+
+/// The error a run ends with when the store could not keep it.
+pub(crate) fn store_failure(err: &StoreError) -> sluice_protocol::ErrorInfo {
+    sluice_protocol::ErrorInfo::new(
+        ErrorCode::StoreUnavailable,
+        format!(
+            "the run could not be stored ({err}); its output was not kept: send the message again"
+        ),
+    )
+}
+
+/// Follows the store's health: when it gives up queued writes, every run in flight has lost
+/// some and is stopped (it ends with `STORE_UNAVAILABLE` and `run_failed`).
+async fn watch_store(inner: std::sync::Weak<Inner>) {
+    let (mut status, stop) = match inner.upgrade() {
+        Some(i) => (i.store.status(), i.shutdown.clone()),
+        None => return,
+    };
+    let mut given_up = status.borrow().abandoned;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = status.changed() => if changed.is_err() { return },
+        }
+        let now = status.borrow_and_update().clone();
+        if now.abandoned == given_up {
+            continue;
+        }
+        given_up = now.abandoned;
+        let Some(inner) = inner.upgrade() else { return };
+        let runs: Vec<Arc<RunHandle>> = inner
+            .runs
+            .lock()
+            .map(|r| r.values().filter(|h| !h.is_finished()).cloned().collect())
+            .unwrap_or_default();
+        let why = now
+            .failing
+            .unwrap_or_else(|| "the database failed".to_string());
+        tracing::error!(runs = runs.len(), reason = %why, "store gave up queued writes: failing the runs in flight");
+        let error = store_failure(&StoreError::Unavailable(why));
+        for run in runs {
+            run.stop(StopReason::StoreFailed(error.clone()));
         }
     }
 }

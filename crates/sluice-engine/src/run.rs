@@ -164,13 +164,8 @@ impl RunTask {
             },
             other => Ok(other),
         };
-        // Before the terminal event: a run that starts once this one is finished must find the
-        // thread's conversation as it now is. A run that did not complete leaves it to the store.
-        let completed = matches!(ending, Ok(Ending::Completed | Ending::Stopped));
-        self.inner
-            .keep_history(&handle.owner, &handle.thread_id, kept.filter(|_| completed));
         let duration_ms = self.accepted.elapsed().as_secs_f64() * 1000.0;
-        let (terminal, status, message_status, outcome, error) = match ending {
+        let (terminal, mut status, message_status, mut outcome, error) = match ending {
             Ok(Ending::Completed) | Ok(Ending::Stopped) => (
                 EventBody::RunCompleted {
                     usage,
@@ -183,7 +178,7 @@ impl RunTask {
                 Outcome::Completed,
                 None,
             ),
-            Ok(Ending::Failed(error)) => {
+            Ok(Ending::Failed(error)) | Err(StopReason::StoreFailed(error)) => {
                 out.append(&EventBody::Error {
                     error: error.clone(),
                 });
@@ -224,24 +219,51 @@ impl RunTask {
         for id in abandoned {
             self.inner.store.discard_artifact_draft(id);
         }
-        // The terminal event and the run's end go to the store before the event reaches the log:
-        // whatever its subscribers do once they see the run ended (a queued run on the thread
-        // reads the history, `wait` flushes and reads the message) is queued after them.
-        let terminal = out.encode(&terminal);
-        out.store(terminal.clone());
-        let _ = handle.outcome.set((status, usage, ttft, error.clone()));
-        let _ = handle.ended.set(Instant::now());
-        self.inner.store.finish_run(RunEnd {
+        // The terminal event reaches subscribers only once it and the run's end (status, usage,
+        // turns) are committed, in one transaction: what a client is told has ended is durable,
+        // and whatever a subscriber does on seeing it (a queued run on the thread reads the
+        // history, `wait` reads the message) finds the run ended.
+        let mut terminal = out.encode(&terminal);
+        let mut error = error;
+        let end = RunEnd {
             run_id: handle.id.clone(),
             message_id: handle.message_id.clone(),
             status,
             message_status,
             usage,
             time_to_first_token_ms: ttft,
-            error,
+            error: error.clone(),
             ended_at: now_ms(),
             turns: (!turns.is_empty()).then(|| crate::turns::to_json(&turns).to_string()),
-        });
+        };
+        if let Err(err) = self.inner.store.finish_run(end, terminal.clone()).await {
+            // The end cannot be stored: the run fails, and says why, instead of claiming an
+            // ending the store does not have.
+            tracing::error!(run_id = %handle.id, error = %err, "run's end not stored");
+            out.seq -= 1;
+            let failure = crate::store_failure(&err);
+            if !matches!(outcome, Outcome::Failed)
+                || error.as_ref().is_none_or(|e| e.code != failure.code)
+            {
+                let frame = out.encode(&EventBody::Error {
+                    error: failure.clone(),
+                });
+                out.publish(frame);
+            }
+            terminal = out.encode(&EventBody::RunFailed {
+                error: failure.clone(),
+            });
+            status = RunStatus::Failed;
+            outcome = Outcome::Failed;
+            error = Some(failure);
+        }
+        // Before the terminal event: a run that starts once this one is finished must find the
+        // thread's conversation as it now is. A run that did not complete leaves it to the store.
+        let completed = matches!(outcome, Outcome::Completed);
+        self.inner
+            .keep_history(&handle.owner, &handle.thread_id, kept.filter(|_| completed));
+        let _ = handle.outcome.set((status, usage, ttft, error));
+        let _ = handle.ended.set(Instant::now());
         out.publish(terminal);
         if let Ok(mut busy) = self.inner.busy.lock()
             && let Some(queue) = busy.get_mut(&handle.thread_id)
@@ -678,11 +700,15 @@ impl RunTask {
                 )
             })?
             .ok_or_else(|| ErrorInfo::new(ErrorCode::NotFound, "the thread was deleted"))?;
+        // Reads see what is committed: everything before this run is (a run's end commits before
+        // its terminal event, and the run ahead ended before this one started), but this run's
+        // own message may still be queued, and then it is the last one.
         let mut messages = Vec::new();
+        let mut own = Some(ChatMessage::text(Role::User, self.content.clone()));
         for m in thread.messages.unwrap_or_default() {
             let role = Role::parse(&m.role).unwrap_or(Role::User);
             if m.id == self.handle.user_message_id {
-                messages.push(ChatMessage::text(role, m.content));
+                own = Some(ChatMessage::text(role, m.content));
                 break;
             }
             // A run that called tools left its turns: the model sees the calls and results too.
@@ -692,6 +718,7 @@ impl RunTask {
                 _ => {}
             }
         }
+        messages.extend(own);
         Ok(messages)
     }
 }

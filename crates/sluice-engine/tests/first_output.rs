@@ -51,7 +51,7 @@ impl ModelCatalog for Catalog {
 #[tokio::test]
 async fn the_first_token_reaches_a_subscriber_before_the_run_goes_on() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (store, _) = SqliteStore::open(dir.path()).expect("store");
+    let (store, _) = SqliteStore::open(dir.path(), Default::default()).expect("store");
     let engine = Engine::new(
         Arc::new(store),
         Arc::new(Catalog),

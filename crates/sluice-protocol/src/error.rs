@@ -35,8 +35,11 @@ pub enum ErrorCode {
     ToolError,
     /// The run was cancelled.
     Cancelled,
-    /// The server is shutting down or not ready.
+    /// The server is shutting down or not ready (its database cannot be written, say): try again.
     Unavailable,
+    /// A run could not be stored (the database failed for longer than the configured bound):
+    /// it ended with `run_failed`; what it showed was not kept.
+    StoreUnavailable,
     /// A bug or an environment failure inside Sluice.
     Internal,
 }
@@ -59,6 +62,7 @@ impl ErrorCode {
             ErrorCode::ToolError => "TOOL_ERROR",
             ErrorCode::Cancelled => "CANCELLED",
             ErrorCode::Unavailable => "UNAVAILABLE",
+            ErrorCode::StoreUnavailable => "STORE_UNAVAILABLE",
             ErrorCode::Internal => "INTERNAL",
         }
     }
@@ -71,6 +75,7 @@ impl ErrorCode {
                 | ErrorCode::UpstreamError
                 | ErrorCode::UpstreamTimeout
                 | ErrorCode::Unavailable
+                | ErrorCode::StoreUnavailable
         )
     }
 }

@@ -40,7 +40,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::Conflict | ErrorCode::StreamReset => StatusCode::CONFLICT,
         ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-        ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Unavailable | ErrorCode::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::UpstreamError => StatusCode::BAD_GATEWAY,
         ErrorCode::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         ErrorCode::ToolError | ErrorCode::Cancelled | ErrorCode::Internal => {
@@ -64,7 +64,16 @@ impl IntoResponse for ApiError {
                 message: self.message,
             },
         };
-        (status, axum::Json(body)).into_response()
+        let mut response = (status, axum::Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            // A load balancer or client may try again (here once the database is back, or on
+            // another node while this one drains).
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        response
     }
 }
 

@@ -176,6 +176,8 @@ async fn start_run(
             Ok(sse_response(sub, &st, guard))
         }
         Answer::Background => {
+            // 202 acknowledges the run: it is answered once the run is committed.
+            st.engine.acknowledge(&run).await?;
             let view = st.engine.get_run(&owner, &run.id).await?;
             Ok((StatusCode::ACCEPTED, axum::Json(view)).into_response())
         }
@@ -360,15 +362,27 @@ async fn healthz() -> Response {
     axum::Json(serde_json::json!({ "status": "ok" })).into_response()
 }
 
+/// Ready when the store commits: 503 with the reason while shutting down or while the
+/// database cannot be written (or does not answer within a second).
 async fn readyz(State(st): St) -> Response {
     if st.shutdown.is_cancelled() {
         return ApiError::new(ErrorCode::Unavailable, "shutting down").into_response();
     }
-    match st.engine.store().flush().await {
-        Ok(()) => axum::Json(serde_json::json!({ "status": "ready" })).into_response(),
-        Err(err) => {
+    if let Some(why) = st.engine.not_ready() {
+        return ApiError::new(ErrorCode::Unavailable, why).into_response();
+    }
+    let flushed =
+        tokio::time::timeout(std::time::Duration::from_secs(1), st.engine.store().flush()).await;
+    match flushed {
+        Ok(Ok(())) => axum::Json(serde_json::json!({ "status": "ready" })).into_response(),
+        Ok(Err(err)) => {
             ApiError::new(ErrorCode::Unavailable, format!("store not ready: {err}")).into_response()
         }
+        Err(_) => ApiError::new(
+            ErrorCode::Unavailable,
+            "store not ready: a commit took longer than 1 s",
+        )
+        .into_response(),
     }
 }
 

@@ -105,6 +105,11 @@ async fn session(st: Arc<AppState>, owner: String, socket: WebSocket) {
                         idempotency_key.as_deref(),
                     )
                     .await;
+                // `run_accepted` acknowledges the run: it is sent once the run is committed.
+                let started = match started {
+                    Ok(run) => st.engine.acknowledge(&run).await.map(|()| run),
+                    Err(e) => Err(e),
+                };
                 match started {
                     Ok(run) => {
                         if let Some(request_id) = request_id {

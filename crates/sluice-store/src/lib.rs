@@ -1,21 +1,31 @@
 //! Sluice's storage: the [`Store`] trait the engine writes through, and its embedded SQLite
 //! implementation ([`SqliteStore`]).
 //!
-//! Writes that happen while a run streams (its creation, every event, its end) are *submitted*, not
-//! awaited: they go on an ordered queue to one writer thread that applies whatever has piled up in a
-//! single transaction. So the stream never waits for the disk, and a burst of events costs one commit.
-//! Reads go through the same queue, behind every write submitted before them, so a caller always
-//! reads its own writes.
+//! Writes that happen while a run streams (its creation, every event) are *submitted*, not
+//! awaited: they go on an ordered queue to one writer that applies whatever has piled up in a
+//! single transaction. So the stream never waits for the disk, and a burst of events costs one
+//! commit. Writes that acknowledge something to a client (a thread's creation, a run's end with
+//! its terminal event, a flush) answer only once their transaction has committed. Reads do not
+//! queue behind the writer: they see what is committed.
+//!
+//! When writes fail (disk full, database unreachable) the writer keeps what it has and retries;
+//! new work is refused meanwhile ([`Store::admit`]); past the configured bound
+//! ([`StoreLimits`]) the queued writes are given up, the runs they belonged to are failed by the
+//! engine, and once writes work again those runs are closed in the store as a crash would close
+//! them (see ARCHITECTURE.md, "Storage").
 
+mod lock;
 mod sqlite;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use sluice_protocol::api::{MessageStatus, RunStatus, ThreadView};
 use sluice_protocol::{ErrorInfo, Frame, Usage};
 
+pub use lock::DirLock;
 pub use sqlite::SqliteStore;
 
 /// A pending answer from the store.
@@ -23,8 +33,13 @@ pub type Reply<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The database refused one operation (the backend's own message).
     #[error("database error: {0}")]
-    Database(#[from] rusqlite::Error),
+    Database(String),
+    /// Writes cannot be made now (the disk is full, the database is unreachable, the queue is
+    /// over its bound), or queued writes were given up. Trying again later may succeed.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
     #[error("the store's writer has stopped")]
     Closed,
     #[error("stored data is unreadable: {0}")]
@@ -34,6 +49,17 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
+    /// Another process uses this data directory.
+    #[error(
+        "the data directory {path} is in use by another Sluice process{}; stop it, or give this one another --data-dir",
+        match pid { Some(pid) => format!(" (pid {pid})"), None => String::new() }
+    )]
+    Locked { path: String, pid: Option<u32> },
+    /// The database was written by a newer Sluice.
+    #[error(
+        "the database schema is version {found}, newer than this binary knows ({known}); run the newer Sluice, or restore a backup"
+    )]
+    SchemaTooNew { found: i64, known: i64 },
 }
 
 impl StoreError {
@@ -41,11 +67,49 @@ impl StoreError {
     pub fn code(&self) -> &'static str {
         match self {
             StoreError::Database(_) => "database",
+            StoreError::Unavailable(_) => "unavailable",
             StoreError::Closed => "closed",
             StoreError::Corrupt(_) => "corrupt",
             StoreError::DataDir { .. } => "data_dir",
+            StoreError::Locked { .. } => "locked",
+            StoreError::SchemaTooNew { .. } => "schema",
         }
     }
+
+    /// Whether the failure is the store's state rather than the request: try again later.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_) | StoreError::Closed)
+    }
+}
+
+/// How much the store may hold back while it cannot write.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreLimits {
+    /// The most bytes of writes queued and not yet committed. New work is refused past it; while
+    /// writes fail, reaching it gives the queued writes up at once.
+    pub max_queue_bytes: usize,
+    /// How long writes may keep failing before the queued ones are given up (and the runs they
+    /// belong to fail with `STORE_UNAVAILABLE`).
+    pub write_timeout: Duration,
+}
+
+impl Default for StoreLimits {
+    fn default() -> Self {
+        StoreLimits {
+            max_queue_bytes: 64 * 1024 * 1024,
+            write_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The store's health, published on a watch channel ([`Store::status`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreStatus {
+    /// Why writes are failing, while they are.
+    pub failing: Option<String>,
+    /// How many times queued writes were given up since start. Each time, every run then in
+    /// flight has lost writes and must fail.
+    pub abandoned: u64,
 }
 
 /// A thread to create.
@@ -102,12 +166,16 @@ pub struct RecoveredRun {
     pub run_id: String,
     pub thread_id: String,
     pub durable_seq: u64,
+    /// `false` when the stored log already ended with a terminal event (written by an older
+    /// version whose run end was a separate write): the run's status was taken from that event
+    /// and nothing was appended.
+    pub interrupted: bool,
 }
 
 /// Everything the engine needs from storage. The SQLite implementation is the embedded default;
 /// a server-backed one (Postgres) implements the same contract.
 pub trait Store: Send + Sync + 'static {
-    /// Creates a thread; awaited, so the id is usable as soon as the caller has it.
+    /// Creates a thread; resolves once it is committed.
     fn create_thread(&self, thread: NewThread) -> Reply<()>;
     /// Queues the creation of a thread without waiting (a run's own new thread: the stream must not
     /// wait for the disk). Reads queued after it see it.
@@ -119,9 +187,12 @@ pub trait Store: Send + Sync + 'static {
     /// Queues one event of a run. Text and reasoning deltas are also appended to the assistant
     /// message in the same transaction, so the message is always the concatenation of the stored deltas.
     fn append_event(&self, run_id: Arc<str>, message_id: Arc<str>, frame: Frame);
-    /// Queues a run's end (after its terminal event).
-    fn finish_run(&self, end: RunEnd);
-    /// Deletes a thread with its messages, runs and events. `Ok(false)` if the owner has no such thread.
+    /// A run's terminal event and its end (status, usage, turns), written in one transaction;
+    /// resolves once that transaction has committed. The terminal event must not reach a client
+    /// before.
+    fn finish_run(&self, end: RunEnd, terminal: Frame) -> Reply<()>;
+    /// Deletes a thread with its messages, runs and events, once committed. `Ok(false)` if the
+    /// owner has no such thread.
     fn delete_thread(&self, owner: String, thread_id: String) -> Reply<bool>;
     fn get_thread(&self, owner: String, thread_id: String) -> Reply<Option<ThreadView>>;
     /// Whether `owner` has this thread (without reading its messages).
@@ -146,4 +217,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> Reply<Option<sluice_protocol::api::ArtifactView>>;
     /// Operations queued and not yet applied (a gauge: a growing value means the disk is behind).
     fn queue_depth(&self) -> usize;
+    /// Bytes of writes queued and not yet committed.
+    fn queue_bytes(&self) -> usize;
+    /// Whether new work may start: `Unavailable` while writes fail or the queue is over its bound.
+    fn admit(&self) -> Result<(), StoreError>;
+    /// The store's health as it changes.
+    fn status(&self) -> tokio::sync::watch::Receiver<StoreStatus>;
 }

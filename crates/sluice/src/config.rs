@@ -68,6 +68,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub coalesce: CoalesceSection,
     #[serde(default)]
+    pub store: StoreSection,
+    #[serde(default)]
     pub api_keys: Vec<KeyEntry>,
     /// Named providers: `[providers.myvllm]`.
     #[serde(default)]
@@ -163,6 +165,16 @@ pub struct CoalesceSection {
     pub max_delay_ms: Option<u64>,
 }
 
+/// How much the store may hold back while the database cannot be written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// Bytes of writes queued before new runs are refused (and, while writes fail, given up).
+    pub max_queue_bytes: Option<usize>,
+    /// How long writes may fail before the queued ones are given up and runs in flight fail.
+    pub write_timeout_ms: Option<u64>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyEntry {
@@ -174,6 +186,7 @@ pub struct KeyEntry {
 pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    pub store: sluice_store::StoreLimits,
     pub demo_tokens_per_sec: f64,
     pub keys: ApiKeys,
     pub engine: EngineConfig,
@@ -218,6 +231,21 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Config> {
             bail!("api_keys[{i}]: owner and key must not be empty");
         }
         keys.insert(entry.owner.trim(), entry.key.trim());
+    }
+    let store_defaults = sluice_store::StoreLimits::default();
+    let store = sluice_store::StoreLimits {
+        max_queue_bytes: file
+            .store
+            .max_queue_bytes
+            .unwrap_or(store_defaults.max_queue_bytes),
+        write_timeout: file
+            .store
+            .write_timeout_ms
+            .map(Duration::from_millis)
+            .unwrap_or(store_defaults.write_timeout),
+    };
+    if store.max_queue_bytes < 64 * 1024 {
+        bail!("store.max_queue_bytes must be at least 65536");
     }
     let heartbeat_ms = args.heartbeat_ms.or(file.heartbeat_ms).unwrap_or(15_000);
     if heartbeat_ms == 0 {
@@ -326,6 +354,7 @@ pub fn load(args: &ServeArgs) -> anyhow::Result<Config> {
     Ok(Config {
         listen,
         data_dir,
+        store,
         demo_tokens_per_sec,
         keys,
         engine,

@@ -55,11 +55,17 @@ impl Running {
 }
 
 pub async fn start(config: Config) -> anyhow::Result<Running> {
-    let (store, recovered) = SqliteStore::open(&config.data_dir)
+    // Locks the data directory first: a second process on it stops here, having changed nothing.
+    let (store, recovered) = SqliteStore::open(&config.data_dir, config.store)
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
     for run in &recovered {
-        tracing::warn!(run_id = %run.run_id, thread_id = %run.thread_id, durable_seq = run.durable_seq,
-            "run was in flight when the server last stopped; marked interrupted");
+        if run.interrupted {
+            tracing::warn!(run_id = %run.run_id, thread_id = %run.thread_id, durable_seq = run.durable_seq,
+                "run was in flight when the server last stopped; marked interrupted");
+        } else {
+            tracing::warn!(run_id = %run.run_id, thread_id = %run.thread_id,
+                "run's terminal event was stored without its end; closed from the event");
+        }
     }
     let store: Arc<dyn Store> = Arc::new(store);
     let mut registry = Registry::new().with_demo(DemoModel::new(DemoConfig {

@@ -76,6 +76,7 @@ impl TestServer {
         let config = Config {
             listen: "127.0.0.1:0".parse().expect("addr"),
             data_dir: dir.path().to_path_buf(),
+            store: Default::default(),
             demo_tokens_per_sec: opts.tokens_per_sec,
             keys: ApiKeys::parse(opts.keys).expect("keys"),
             engine: EngineConfig {
