@@ -5,6 +5,7 @@
 
 mod agent;
 mod api;
+mod durability;
 mod mcp_server;
 mod process;
 mod providers;

@@ -11,7 +11,7 @@ use sluice_protocol::{EventBody, EventKind};
 use crate::{collect, req, text_of};
 
 /// Starts `sluice serve` on a free port; answers the child and its base URL (read from its log).
-fn spawn(data_dir: &std::path::Path, tokens_per_sec: &str) -> (Child, String) {
+pub(crate) fn spawn(data_dir: &std::path::Path, tokens_per_sec: &str) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["serve", "--listen", "127.0.0.1:0"])
         .arg("--data-dir")

@@ -1,0 +1,337 @@
+//! What a client was told survives the process: the real binary, killed with SIGKILL at the
+//! moments that matter, restarted on the same data directory, its database read directly.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, OpenFlags};
+use sluice_client::Client;
+use sluice_protocol::EventKind;
+
+use crate::process::spawn;
+use crate::{req, text_of};
+
+fn db(dir: &Path) -> Connection {
+    Connection::open_with_flags(dir.join("sluice.db"), OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .expect("open the database read-only")
+}
+
+/// Every run's (id, status, epoch), and how many events each kind has: what a second process
+/// must not change.
+fn snapshot(dir: &Path) -> (Vec<(String, String, i64)>, Vec<(String, i64)>) {
+    let conn = db(dir);
+    let runs = conn
+        .prepare("SELECT id, status, epoch FROM runs ORDER BY id")
+        .expect("prepare")
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .expect("query")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("rows");
+    let kinds = conn
+        .prepare(
+            "SELECT type, count(*) FROM events
+             WHERE type NOT IN ('text_delta', 'reasoning_delta', 'function_call_delta')
+             GROUP BY type ORDER BY type",
+        )
+        .expect("prepare")
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("query")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("rows");
+    (runs, kinds)
+}
+
+#[tokio::test]
+async fn a_second_server_on_a_data_directory_in_use_exits_and_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (mut first, url) = spawn(dir.path(), "40");
+    let client = Client::new(url);
+    let mut stream = client
+        .stream_run(None, &req("a run that streams while another server starts"))
+        .await
+        .expect("stream");
+    let mut seen = Vec::new();
+    while seen.len() < 5 {
+        seen.push(stream.next().await.expect("event").expect("ok"));
+    }
+    // Let the first events commit so that the snapshot has the run in it.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let before = snapshot(dir.path());
+    assert!(
+        before.0.iter().any(|(_, status, _)| status == "running"),
+        "{before:?}"
+    );
+
+    let second = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run a second server");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "the second server ran: {stderr}");
+    assert!(
+        stderr.contains(&dir.path().display().to_string())
+            && stderr.contains(&format!("pid {}", first.id())),
+        "the refusal names the directory and the holder: {stderr}"
+    );
+    assert_eq!(
+        snapshot(dir.path()),
+        before,
+        "the second server changed the database"
+    );
+
+    // The first server's run is untouched: it ends normally, with one terminal event.
+    while let Some(ev) = stream.next().await {
+        seen.push(ev.expect("event"));
+    }
+    assert_eq!(
+        seen.last().map(|e| e.event.body.kind()),
+        Some(EventKind::RunCompleted)
+    );
+    let terminals: i64 = db(dir.path())
+        .query_row(
+            "SELECT count(*) FROM events WHERE run_id = ?1 AND type IN
+               ('run_completed', 'run_failed', 'run_cancelled', 'run_interrupted')",
+            [&seen[0].event.run_id],
+            |r| r.get(0),
+        )
+        .expect("count");
+    assert_eq!(terminals, 1);
+    first.kill().expect("stop");
+    first.wait().expect("reaped");
+}
+
+/// Where a trial's SIGKILL lands.
+#[derive(Clone, Copy, Debug)]
+enum Aim {
+    /// Right after the first of several concurrent `201`s for new threads.
+    AfterThreadCreated,
+    /// Right after the client read `run_completed`.
+    AfterRunCompleted,
+    /// Right after the client read the first `artifact_intermediate` (the table is being written).
+    MidArtifact,
+}
+
+/// kill -9 aimed at the moments that matter, `SLUICE_KILL_TRIALS` times (200 by default), each
+/// followed by a restart (crash recovery) on the same data directory. Nothing acknowledged is
+/// lost, no run has two terminal events, no draft survives, every run cut off is interrupted
+/// with exactly its stored deltas as content, and the database's integrity check is clean.
+#[tokio::test]
+async fn kill_9_at_the_moments_that_matter_loses_nothing_a_client_was_told() {
+    let trials: usize = std::env::var("SLUICE_KILL_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let dir = tempfile::tempdir().expect("tmp");
+    let http = reqwest::Client::new();
+    let mut threads_acknowledged: Vec<String> = Vec::new();
+    let mut completions_seen: Vec<String> = Vec::new();
+    // Runs cut off mid-artifact, with the answer text their client had seen.
+    let mut cut_off: Vec<(String, String)> = Vec::new();
+    let started = Instant::now();
+    for trial in 0..trials {
+        let aim = match trial % 3 {
+            0 => Aim::AfterThreadCreated,
+            1 => Aim::AfterRunCompleted,
+            _ => Aim::MidArtifact,
+        };
+        // As fast as the demo goes, but paced when the kill must land while a table is written.
+        let pace = if matches!(aim, Aim::MidArtifact) {
+            "2000"
+        } else {
+            "0"
+        };
+        let (mut child, url) = spawn(dir.path(), pace);
+        match aim {
+            Aim::AfterThreadCreated => {
+                let mut pending = tokio::task::JoinSet::new();
+                for _ in 0..16 {
+                    let (http, url) = (http.clone(), url.clone());
+                    pending.spawn(async move {
+                        let resp = http.post(format!("{url}/v1/threads")).send().await.ok()?;
+                        if resp.status() != 201 {
+                            return None;
+                        }
+                        let body: serde_json::Value = resp.json().await.ok()?;
+                        body["id"].as_str().map(str::to_string)
+                    });
+                }
+                // The first 201 arrives: kill at once; any other 201 read before is recorded too.
+                let mut killed = false;
+                while let Some(joined) = pending.join_next().await {
+                    if let Some(id) = joined.expect("join") {
+                        threads_acknowledged.push(id);
+                        if !killed {
+                            child.kill().expect("kill -9");
+                            killed = true;
+                        }
+                    }
+                }
+                assert!(killed, "trial {trial}: no thread was acknowledged");
+            }
+            Aim::AfterRunCompleted | Aim::MidArtifact => {
+                let client = Client::new(url);
+                let mut stream = client
+                    .stream_run(None, &req(&format!("trial {trial}")))
+                    .await
+                    .expect("stream");
+                let mut seen = Vec::new();
+                let mut hit = false;
+                while let Some(ev) = stream.next().await {
+                    let ev = ev.expect("event");
+                    let kind = ev.event.body.kind();
+                    seen.push(ev);
+                    let now = match aim {
+                        Aim::AfterRunCompleted => kind == EventKind::RunCompleted,
+                        _ => kind == EventKind::ArtifactIntermediate,
+                    };
+                    if now {
+                        child.kill().expect("kill -9");
+                        hit = true;
+                        break;
+                    }
+                }
+                assert!(hit, "trial {trial}: the {aim:?} moment never came");
+                let run_id = seen[0].event.run_id.clone();
+                match aim {
+                    Aim::AfterRunCompleted => completions_seen.push(run_id),
+                    _ => cut_off.push((run_id, text_of(&seen))),
+                }
+            }
+        }
+        child.wait().expect("reaped");
+    }
+    // One more start runs recovery for the last trial; then the database is read directly.
+    let (mut child, _) = spawn(dir.path(), "0");
+    child.kill().expect("stop");
+    child.wait().expect("reaped");
+    eprintln!(
+        "{trials} kill -9 trials in {:.1} s: {} threads acknowledged, {} completions seen, {} runs cut off mid-artifact",
+        started.elapsed().as_secs_f64(),
+        threads_acknowledged.len(),
+        completions_seen.len(),
+        cut_off.len()
+    );
+
+    let conn = db(dir.path());
+    let integrity: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .expect("integrity_check");
+    assert_eq!(integrity, "ok");
+    let mut lost_threads = Vec::new();
+    for id in &threads_acknowledged {
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM threads WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .expect("count");
+        if n != 1 {
+            lost_threads.push(id.clone());
+        }
+    }
+    assert!(
+        lost_threads.is_empty(),
+        "{} of {} acknowledged threads lost",
+        lost_threads.len(),
+        threads_acknowledged.len()
+    );
+    let status: HashMap<String, String> = conn
+        .prepare("SELECT id, status FROM runs")
+        .expect("prepare")
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    let lost_completions: Vec<&String> = completions_seen
+        .iter()
+        .filter(|id| status.get(*id).map(String::as_str) != Some("completed"))
+        .collect();
+    assert!(
+        lost_completions.is_empty(),
+        "{} of {} completions a client saw are not stored as completed: {:?}",
+        lost_completions.len(),
+        completions_seen.len(),
+        lost_completions
+            .iter()
+            .map(|id| status.get(*id))
+            .collect::<Vec<_>>()
+    );
+    let doubled: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM (SELECT run_id FROM events WHERE type IN
+               ('run_completed', 'run_failed', 'run_cancelled', 'run_interrupted')
+             GROUP BY run_id HAVING count(*) > 1)",
+            [],
+            |r| r.get(0),
+        )
+        .expect("count");
+    assert_eq!(doubled, 0, "runs with two terminal events");
+    let unfinished: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM runs WHERE status IN ('queued', 'running')",
+            [],
+            |r| r.get(0),
+        )
+        .expect("count");
+    assert_eq!(unfinished, 0, "runs left in flight after recovery");
+    let drafts: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM artifacts WHERE status = 'intermediate'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("count");
+    assert_eq!(drafts, 0, "drafts left after recovery");
+    for (run_id, seen_text) in &cut_off {
+        assert_eq!(
+            status.get(run_id).map(String::as_str),
+            Some("interrupted"),
+            "run {run_id} was cut off"
+        );
+        let content: String = conn
+            .query_row(
+                "SELECT content FROM messages WHERE run_id = ?1 AND role = 'assistant'",
+                [run_id],
+                |r| r.get(0),
+            )
+            .expect("message");
+        assert!(
+            seen_text.starts_with(&content) || content.starts_with(seen_text.as_str()),
+            "run {run_id}: the stored answer is not what the client saw\nstored: {content:?}\nseen:   {seen_text:?}"
+        );
+    }
+    // Every run's message is exactly its stored deltas.
+    let mut stmt = conn
+        .prepare("SELECT r.id, m.content FROM runs r JOIN messages m ON m.id = r.message_id")
+        .expect("prepare");
+    let messages: Vec<(String, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    for (run_id, content) in messages {
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT data FROM events WHERE run_id = ?1 AND type = 'text_delta' ORDER BY seq",
+            )
+            .expect("prepare");
+        let deltas: String = stmt
+            .query_map([&run_id], |r| r.get::<_, Vec<u8>>(0))
+            .expect("query")
+            .map(|d| {
+                let v: serde_json::Value =
+                    serde_json::from_slice(&d.expect("row")).expect("event JSON");
+                v["delta"].as_str().unwrap_or_default().to_string()
+            })
+            .collect();
+        assert_eq!(
+            content, deltas,
+            "run {run_id}: content is not its stored deltas"
+        );
+    }
+}
