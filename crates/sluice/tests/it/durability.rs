@@ -18,9 +18,11 @@ fn db(dir: &Path) -> Connection {
         .expect("open the database read-only")
 }
 
-/// Every run's (id, status, epoch), and how many events each kind has: what a second process
-/// must not change.
-fn snapshot(dir: &Path) -> (Vec<(String, String, i64)>, Vec<(String, i64)>) {
+/// Every run's (id, status, epoch), and how many events each kind has.
+type Snapshot = (Vec<(String, String, i64)>, Vec<(String, i64)>);
+
+/// What a second process must not change.
+fn snapshot(dir: &Path) -> Snapshot {
     let conn = db(dir);
     let runs = conn
         .prepare("SELECT id, status, epoch FROM runs ORDER BY id")
