@@ -12,10 +12,20 @@ use crate::{collect, req, text_of};
 
 /// Starts `sluice serve` on a free port; answers the child and its base URL (read from its log).
 pub(crate) fn spawn(data_dir: &std::path::Path, tokens_per_sec: &str) -> (Child, String) {
+    spawn_with(data_dir, tokens_per_sec, &[])
+}
+
+/// `spawn` with more arguments for `serve` (`--config FILE`, say).
+pub(crate) fn spawn_with(
+    data_dir: &std::path::Path,
+    tokens_per_sec: &str,
+    args: &[&std::ffi::OsStr],
+) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["serve", "--listen", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(data_dir)
+        .args(args)
         .env("SLUICE_DEMO_TOKENS_PER_SEC", tokens_per_sec)
         .env("SLUICE_LOG", "info")
         .stdout(Stdio::null())
