@@ -380,7 +380,7 @@ async fn readyz(State(st): St) -> Response {
         }
         Err(_) => ApiError::new(
             ErrorCode::Unavailable,
-            "store not ready: a commit took longer than 1 s",
+            "store not ready: the database did not commit within 1 s",
         )
         .into_response(),
     }

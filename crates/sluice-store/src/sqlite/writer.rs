@@ -174,6 +174,24 @@ impl Shared {
         self.wake.notify_one();
     }
 
+    /// Waits for a wake-up or until `at`; answers the guard and whether `at` has come.
+    fn wait_until<'a>(
+        &self,
+        q: MutexGuard<'a, Queue>,
+        at: Instant,
+    ) -> (MutexGuard<'a, Queue>, bool) {
+        let now = Instant::now();
+        if now >= at {
+            return (q, true);
+        }
+        let q = self
+            .wake
+            .wait_timeout(q, at - now)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+        (q, false)
+    }
+
     pub(super) fn close(&self) {
         self.lock().closed = true;
         self.wake.notify_one();
@@ -291,15 +309,13 @@ impl Writer {
         if let Some(retry_at) = self.failing.as_ref().map(|_| Instant::now() + self.backoff) {
             // Failing: try again after the backoff, whatever arrives meanwhile.
             while !q.closed {
-                let now = Instant::now();
-                if now >= retry_at {
-                    break;
+                match shared.wait_until(q, retry_at) {
+                    (guard, false) => q = guard,
+                    (guard, true) => {
+                        q = guard;
+                        break;
+                    }
                 }
-                q = shared
-                    .wake
-                    .wait_timeout(q, retry_at - now)
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .0;
             }
         } else {
             loop {
@@ -310,15 +326,11 @@ impl Writer {
                 } else if q.ready || q.closed {
                     break;
                 } else if let Some(at) = q.deadline {
-                    let now = Instant::now();
-                    if now >= at {
+                    let (guard, due) = shared.wait_until(q, at);
+                    q = guard;
+                    if due {
                         break;
                     }
-                    q = shared
-                        .wake
-                        .wait_timeout(q, at - now)
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0;
                     continue;
                 }
                 q = shared.wake.wait(q).unwrap_or_else(PoisonError::into_inner);

@@ -18,6 +18,11 @@ fn db(dir: &Path) -> Connection {
         .expect("open the database read-only")
 }
 
+/// One number the database answers.
+fn count(conn: &Connection, sql: &str) -> i64 {
+    conn.query_row(sql, [], |r| r.get(0)).expect(sql)
+}
+
 /// Every run's (id, status, epoch), and how many events each kind has.
 type Snapshot = (Vec<(String, String, i64)>, Vec<(String, i64)>);
 
@@ -263,31 +268,22 @@ async fn kill_9_at_the_moments_that_matter_loses_nothing_a_client_was_told() {
             .map(|id| status.get(*id))
             .collect::<Vec<_>>()
     );
-    let doubled: i64 = conn
-        .query_row(
-            "SELECT count(*) FROM (SELECT run_id FROM events WHERE type IN
+    let doubled = count(
+        &conn,
+        "SELECT count(*) FROM (SELECT run_id FROM events WHERE type IN
                ('run_completed', 'run_failed', 'run_cancelled', 'run_interrupted')
              GROUP BY run_id HAVING count(*) > 1)",
-            [],
-            |r| r.get(0),
-        )
-        .expect("count");
+    );
     assert_eq!(doubled, 0, "runs with two terminal events");
-    let unfinished: i64 = conn
-        .query_row(
-            "SELECT count(*) FROM runs WHERE status IN ('queued', 'running')",
-            [],
-            |r| r.get(0),
-        )
-        .expect("count");
+    let unfinished = count(
+        &conn,
+        "SELECT count(*) FROM runs WHERE status IN ('queued', 'running')",
+    );
     assert_eq!(unfinished, 0, "runs left in flight after recovery");
-    let drafts: i64 = conn
-        .query_row(
-            "SELECT count(*) FROM artifacts WHERE status = 'intermediate'",
-            [],
-            |r| r.get(0),
-        )
-        .expect("count");
+    let drafts = count(
+        &conn,
+        "SELECT count(*) FROM artifacts WHERE status = 'intermediate'",
+    );
     assert_eq!(drafts, 0, "drafts left after recovery");
     for (run_id, seen_text) in &cut_off {
         assert_eq!(
